@@ -1,0 +1,12 @@
+"""diablogpt_pytorch: RETRO, the retrieval-enhanced transformer (Borgeaud et al. 2022), in PyTorch.
+
+Only re-exports. Importing the package does not import faiss, autofaiss or transformers:
+``diablogpt_pytorch.retrieval`` imports them when used.
+"""
+
+from diablogpt_pytorch.model import DIABLOGPT
+from diablogpt_pytorch.data import DIABLOGPTDataset
+from diablogpt_pytorch.training import TrainingWrapper
+
+__all__ = ["DIABLOGPT", "DIABLOGPTDataset", "TrainingWrapper"]
+__version__ = "0.1.0"
