@@ -1,0 +1,179 @@
+"""Training sequences and their retrieved neighbours, read from the memmapped database.
+
+Files (DESIGN.md §3), all int32 and opened read-only:
+
+    chunks   (num_chunks, C+1)  chunk j's C tokens + the first token of chunk j+1
+    knn      (num_chunks, K)    neighbour chunk ids, -1 where there is none
+    seqs     (num_sequences,)   first chunk of each training sequence
+    doc_ids  (num_chunks,)      document of each chunk (optional)
+
+Sequence i starting at chunk ``s`` covers the m = seq_len // C chunk rows ``s .. s+m-1``; its
+seq_len + 1 tokens are those rows' C tokens followed by the extra (+1) token of row ``s+m-1``, so
+the model's labels ``seq[1:]`` run one token into the next chunk. Rows past ``num_chunks`` (the
+last, partial sequence) are padding, and so are their neighbours.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from diablogpt_pytorch.neighbours import neighbour_tokens
+
+_ITEM_BYTES = np.dtype(np.int32).itemsize
+
+
+def open_memmap_readonly(path: os.PathLike | str, shape: tuple[int, ...], what: str) -> np.memmap:
+    """Open an int32 memmap of ``shape`` read-only, checking the file's size first.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: its size does not match ``shape`` (names the file, both sizes and the fix).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{what} file {str(path)!r} does not exist: build it first (TrainingWrapper or "
+            "diablogpt_pytorch.retrieval) or pass the right path"
+        )
+    expected = int(np.prod(shape)) * _ITEM_BYTES
+    actual = path.stat().st_size
+    if actual != expected:
+        raise ValueError(
+            f"{what} file {str(path)!r} holds {actual} bytes but int32 shape {tuple(shape)} needs "
+            f"{expected}: the counts/sizes passed to DIABLOGPTDataset do not match the file "
+            "(pass the numbers it was built with, or rebuild it)"
+        )
+    return np.memmap(path, dtype=np.int32, mode="r", shape=tuple(shape))
+
+
+class DIABLOGPTDataset(Dataset):
+    """Sequences for autoregressive training plus the neighbours of each of their chunks.
+
+    Args:
+        num_sequences: rows of the seqs memmap.
+        num_chunks: rows of the chunks (and knn, doc_ids) memmaps.
+        num_neighbors: K, columns of the knn memmap.
+        chunk_size: C; the chunks memmap has C + 1 columns.
+        seq_len: n, a multiple of C (the model's max_seq_len).
+        chunk_memmap_path, chunk_nn_memmap_path, seq_memmap_path: the memmaps above.
+        doc_ids_memmap_path: document of each chunk; a neighbour's continuation is the next
+            chunk only within the same document. Without it, ``eos_id`` marks document ends
+            (a chunk holding ``eos_id`` has no continuation); with neither, the next chunk is
+            always the continuation.
+        eos_id: see ``doc_ids_memmap_path``.
+        pad_id: token for everything missing (rows past the end, -1 neighbours, continuations).
+
+    Item ``i``: ``(seq, retrieved)`` with seq int64 (seq_len + 1,) and retrieved int64
+    (seq_len // C, K, 2C).
+
+    Files are only ever read: opened with ``mode='r'`` on first access in each process (DataLoader
+    workers open their own; no open handle is pickled).
+    """
+
+    def __init__(
+        self,
+        num_sequences: int,
+        num_chunks: int,
+        num_neighbors: int,
+        chunk_size: int,
+        seq_len: int,
+        chunk_memmap_path: os.PathLike | str,
+        chunk_nn_memmap_path: os.PathLike | str,
+        seq_memmap_path: os.PathLike | str,
+        doc_ids_memmap_path: Optional[os.PathLike | str] = None,
+        eos_id: Optional[int] = None,
+        pad_id: int = 0,
+    ):
+        super().__init__()
+        if chunk_size <= 0 or seq_len <= 0 or seq_len % chunk_size:
+            raise ValueError(
+                f"seq_len ({seq_len}) must be a positive multiple of chunk_size ({chunk_size})"
+            )
+        if num_sequences <= 0 or num_chunks <= 0 or num_neighbors <= 0:
+            raise ValueError(
+                "num_sequences, num_chunks and num_neighbors must be positive; got "
+                f"{num_sequences}, {num_chunks}, {num_neighbors}"
+            )
+        self.num_sequences = int(num_sequences)
+        self.num_chunks = int(num_chunks)
+        self.num_neighbors = int(num_neighbors)
+        self.chunk_size = int(chunk_size)
+        self.seq_len = int(seq_len)
+        self.chunks_per_seq = self.seq_len // self.chunk_size
+        self.eos_id = eos_id
+        self.pad_id = int(pad_id)
+        self.paths = {
+            "chunks": Path(chunk_memmap_path),
+            "knn": Path(chunk_nn_memmap_path),
+            "seqs": Path(seq_memmap_path),
+        }
+        if doc_ids_memmap_path is not None:
+            self.paths["doc_ids"] = Path(doc_ids_memmap_path)
+        self._maps: Optional[dict[str, np.memmap]] = None
+
+        # validate every file now (sizes, and that sequence starts are chunk ids), so a mismatch
+        # fails at construction rather than inside a DataLoader worker
+        maps = self._open()
+        seqs = np.asarray(maps["seqs"])
+        if seqs.size and (seqs.min() < 0 or seqs.max() >= self.num_chunks):
+            raise ValueError(
+                f"seqs file {str(self.paths['seqs'])!r} holds sequence starts in "
+                f"[{seqs.min()}, {seqs.max()}], outside the {self.num_chunks} chunks: it does not "
+                "belong to this chunks file (rebuild both together)"
+            )
+        self._maps = None  # reopened lazily in whichever process reads items
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return {
+            "chunks": (self.num_chunks, self.chunk_size + 1),
+            "knn": (self.num_chunks, self.num_neighbors),
+            "seqs": (self.num_sequences,),
+            "doc_ids": (self.num_chunks,),
+        }
+
+    def _open(self) -> dict[str, np.memmap]:
+        if self._maps is None:
+            shapes = self._shapes()
+            self._maps = {
+                name: open_memmap_readonly(path, shapes[name], f"{name} memmap")
+                for name, path in self.paths.items()
+            }
+        return self._maps
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_maps"] = None  # never pickle open handles; each worker opens its own
+        return state
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -self.num_sequences <= index < self.num_sequences:
+            raise IndexError(f"sequence {index} out of range for {self.num_sequences} sequences")
+        maps = self._open()
+        C, m = self.chunk_size, self.chunks_per_seq
+        start = int(maps["seqs"][index])
+        stop = min(start + m, self.num_chunks)
+        present = stop - start
+
+        rows = np.full((m, C + 1), self.pad_id, dtype=np.int64)
+        rows[:present] = maps["chunks"][start:stop]
+        seq = np.concatenate([rows[:, :C].reshape(-1), rows[-1:, C]])
+
+        knn_ids = np.full((m, self.num_neighbors), -1, dtype=np.int64)
+        knn_ids[:present] = maps["knn"][start:stop]
+        retrieved = neighbour_tokens(
+            maps["chunks"],
+            knn_ids,
+            doc_ids=maps.get("doc_ids"),
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+        )
+        return torch.from_numpy(seq), torch.from_numpy(retrieved)
