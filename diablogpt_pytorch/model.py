@@ -1,0 +1,594 @@
+"""DIABLOGPT: the RETRO decoder with chunked cross-attention (Borgeaud et al. 2022, arXiv 2112.04426).
+
+Shapes (C = chunk_size, K = neighbours per chunk, m = number of chunks):
+
+- tokens ``seq``: int64 (b, n); with ``return_loss`` (b, n+1), split into input [:, :-1] and
+  labels [:, 1:].
+- ``retrieved``: int64 (b, m, K, 2C): for each chunk u of the input, K neighbours, each a chunk
+  plus its continuation; ``pad_id`` marks padding. Only the first n // C chunks matter: the
+  neighbours of chunk u influence positions >= (u+1)C - 1 only.
+
+The decoder is a stack of pre-norm (or DeepNet post-norm) layers: causal self-attention with
+rotary positions, chunked cross-attention (CCA) at ``dec_cross_attn_layers`` (1-based), and a
+feed-forward block. At the first CCA layer the neighbour encoder runs (paper Algorithm 1): each
+neighbour gets bidirectional self-attention and cross-attends to the decoder hidden states of the
+chunk it was retrieved for. CCA window u holds the last token of chunk u and the first C-1 tokens of
+chunk u+1 and attends, in one softmax, to all K*2C encoded neighbour tokens of chunk u plus a
+learned null key/value. All attention runs through ``F.scaled_dot_product_attention``.
+
+The same code path serves training (no cache) and incremental decoding (:class:`DecodeCache`):
+self-attention keys/values are cached per layer, and the CCA keys/values of each completed chunk's
+encoded neighbours are computed once and cached (see :meth:`DIABLOGPT.decode`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+__all__ = ["DIABLOGPT", "DecodeCache", "deepnet_constants"]
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned gain; ``gated`` adds an elementwise sigmoid gate ``sigmoid(w * x)``
+    on the normalised output (gated RMSNorm, Zhang, Titov and Sennrich 2021, "Sparse Attention with
+    Linear Units")."""
+
+    def __init__(self, dim: int, gated: bool = False, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.gate = nn.Parameter(torch.ones(dim)) if gated else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.rms_norm(x, (x.shape[-1],), self.gamma.to(x.dtype), self.eps)
+        if self.gate is not None:
+            out = out * torch.sigmoid(x * self.gate)
+        return out
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021). ``forward(positions)`` -> (cos, sin), each
+    (len, dim_head), float32."""
+
+    def __init__(self, dim_head: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim_head, 2).float() / dim_head))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        freqs = torch.cat((freqs, freqs), dim=-1)
+        return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(x: Tensor, rot: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate ``x`` (..., len, dim_head) by (cos, sin) (len, dim_head)."""
+    cos, sin = rot
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, dim * mult),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(dim * mult, dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with rotary positions, causal or bidirectional.
+
+    ``forward(x (B, n, dim), rot, kv_cache=None, start=0, key_mask=None)`` -> (B, n, dim).
+    With ``kv_cache`` (a pair of (B, h, max_len, dim_head) buffers) the new keys/values are
+    written at [start, start+n) and the queries attend to [0, start+n).
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float, causal: bool):
+        super().__init__()
+        self.heads, self.dim_head, self.causal, self.dropout = heads, dim_head, causal, dropout
+        inner = heads * dim_head
+        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        rot: tuple[Tensor, Tensor],
+        kv_cache: Optional[tuple[Tensor, Tensor]] = None,
+        start: int = 0,
+        key_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        n = x.shape[1]
+        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k = apply_rotary(q, rot), apply_rotary(k, rot)
+        dropout_p = self.dropout if self.training else 0.0
+        attn_mask, is_causal = key_mask, self.causal
+        if kv_cache is not None:
+            cache_k, cache_v = kv_cache
+            end = start + n
+            cache_k[:, :, start:end] = k
+            cache_v[:, :, start:end] = v
+            k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+            if start > 0:
+                is_causal = False
+                if n > 1:  # queries at start..end-1 see keys 0..their own position
+                    qpos = torch.arange(start, end, device=x.device)[:, None]
+                    attn_mask = torch.arange(end, device=x.device)[None, :] <= qpos
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal and n > 1
+        )
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention, split in two so that keys/values can be cached.
+
+    ``keys_values(context (B, L, context_dim), rot=None)`` -> (k, v), each (B, h, L [+1], dim_head),
+    with a learned null key/value prepended when ``null_kv``.
+    ``attend(x (B, n, dim), k, v, q_rot=None, attn_mask=None)`` -> (B, n, dim).
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int, dim_head: int, dropout: float,
+                 null_kv: bool = False):
+        super().__init__()
+        self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        inner = heads * dim_head
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(context_dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        if null_kv:
+            self.null_k = nn.Parameter(torch.randn(heads, 1, dim_head) * dim_head ** -0.5)
+            self.null_v = nn.Parameter(torch.zeros(heads, 1, dim_head))
+        else:
+            self.null_k = self.null_v = None
+
+    def keys_values(self, context: Tensor, rot: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+        k, v = rearrange(self.to_kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        if rot is not None:
+            k = apply_rotary(k, rot)
+        if self.null_k is not None:
+            batch = context.shape[0]
+            k = torch.cat((self.null_k.to(k.dtype).expand(batch, -1, -1, -1), k), dim=2)
+            v = torch.cat((self.null_v.to(v.dtype).expand(batch, -1, -1, -1), v), dim=2)
+        return k, v
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, q_rot: Optional[tuple[Tensor, Tensor]] = None,
+               attn_mask: Optional[Tensor] = None) -> Tensor:
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        if q_rot is not None:
+            q = apply_rotary(q, q_rot)
+        dropout_p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask,
+                                             dropout_p=dropout_p)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def deepnet_constants(enc_depth: int, dec_depth: int) -> dict[str, float]:
+    """DeepNet residual scale (alpha) and init gain (beta) for an encoder-decoder with N encoder and
+    M decoder layers (Wang et al. 2022, "DeepNet: Scaling Transformers to 1,000 Layers"):
+    encoder alpha = 0.81 (N^4 M)^(1/16), beta = 0.87 (N^4 M)^(-1/16);
+    decoder alpha = (3M)^(1/4), beta = (12M)^(-1/4)."""
+    n, m = enc_depth, dec_depth
+    return {
+        "enc_alpha": 0.81 * (n ** 4 * m) ** (1 / 16),
+        "enc_beta": 0.87 * (n ** 4 * m) ** (-1 / 16),
+        "dec_alpha": (3 * m) ** 0.25,
+        "dec_beta": (12 * m) ** -0.25,
+    }
+
+
+class Residual(nn.Module):
+    """A sub-layer with its norm: pre-norm ``x + f(norm(x))`` or, with DeepNet,
+    post-norm ``norm(alpha * x + f(x))``."""
+
+    def __init__(self, dim: int, fn: nn.Module, gated: bool, deepnet_alpha: Optional[float]):
+        super().__init__()
+        self.fn, self.norm, self.alpha = fn, RMSNorm(dim, gated=gated), deepnet_alpha
+
+    def pre(self, x: Tensor) -> Tensor:
+        """The input the sub-layer function sees."""
+        return x if self.alpha is not None else self.norm(x)
+
+    def post(self, x: Tensor, out: Optional[Tensor]) -> Tensor:
+        """Combine the residual stream with the sub-layer output (None: the sub-layer is off)."""
+        if self.alpha is not None:
+            return self.norm(x * self.alpha if out is None else x * self.alpha + out)
+        return x if out is None else x + out
+
+
+# ---------------------------------------------------------------------------------------------
+# cache for incremental decoding
+
+
+@dataclass
+class DecodeCache:
+    """State of incremental decoding for a batch; created by :meth:`DIABLOGPT.init_cache`.
+
+    Attributes:
+        length: number of positions processed so far.
+        self_kv: per decoder layer, (k, v) buffers (b, heads, max_seq_len, dim_head).
+        cca_k, cca_v: per CCA layer, (b, chunks_done, heads, 1 + K*2C, dim_head) keys/values of the
+            encoded neighbours of every completed chunk (null key/value first).
+        cca_mask: (b, chunks_done, 1 + K*2C) bool, False where a neighbour token is padding.
+        partial_hidden: (b, length % C, dec_dim) decoder hidden states at the first CCA layer for
+            the chunk in progress (the encoder's context once it completes).
+        retrieval: whether CCA runs (False decodes the same weights without retrieval).
+    """
+
+    length: int
+    self_kv: list
+    retrieval: bool
+    cca_k: list = field(default_factory=list)
+    cca_v: list = field(default_factory=list)
+    cca_mask: Optional[Tensor] = None
+    partial_hidden: Optional[Tensor] = None
+
+    @property
+    def chunks_done(self) -> int:
+        return 0 if self.cca_mask is None else self.cca_mask.shape[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# encoder
+
+
+class Encoder(nn.Module):
+    """Neighbour encoder: per-neighbour bidirectional self-attention, cross-attention to the
+    decoder hidden states of the retrieving chunk (at ``cross_attn_layers``, 1-based), feed-forward.
+
+    ``forward(neighbours (b, m, K, 2C, enc_dim), pad_mask (b, m, K, 2C), context (b, m, C, dec_dim))``
+    -> (b, m, K*2C, enc_dim). The context is never repeated per neighbour: the K*2C neighbour tokens
+    of a chunk attend to its C context tokens together.
+    """
+
+    def __init__(self, dim: int, depth: int, context_dim: int, heads: int, dim_head: int,
+                 attn_dropout: float, ff_dropout: float, cross_attn_layers: Sequence[int],
+                 gated: bool, deepnet: Optional[dict[str, float]]):
+        super().__init__()
+        alpha = deepnet["enc_alpha"] if deepnet else None
+        self.layers = nn.ModuleList()
+        for layer_num in range(1, depth + 1):
+            attn = Residual(dim, SelfAttention(dim, heads, dim_head, attn_dropout, causal=False), gated, alpha)
+            cross = None
+            if layer_num in cross_attn_layers:
+                cross = Residual(dim, CrossAttention(dim, context_dim, heads, dim_head, attn_dropout), gated, alpha)
+            ff = Residual(dim, FeedForward(dim, dropout=ff_dropout), gated, alpha)
+            self.layers.append(nn.ModuleList([attn, cross, ff]))
+        self.context_norm = RMSNorm(context_dim, gated=gated)
+        self.final_norm = nn.Identity() if deepnet else RMSNorm(dim, gated=gated)
+        self.rotary = Rotary(dim_head)
+
+    def forward(self, x: Tensor, pad_mask: Tensor, context: Tensor) -> Tensor:
+        b, m, k, length, dim = x.shape
+        x = x.reshape(b * m * k, length, dim)
+        rot = self.rotary(torch.arange(length, device=x.device))
+        # a real token sees the real tokens of its neighbour; a padding token sees only itself, so
+        # an all-padding neighbour stays finite (its output is masked out by CCA anyway)
+        real = ~pad_mask.reshape(b * m * k, 1, 1, length)
+        eye = torch.eye(length, dtype=torch.bool, device=x.device)
+        key_mask = real | eye
+        context = self.context_norm(context.reshape(b * m, -1, context.shape[-1]))
+        for attn, cross, ff in self.layers:
+            x = attn.post(x, attn.fn(attn.pre(x), rot, key_mask=key_mask))
+            if cross is not None:
+                x = x.reshape(b * m, k * length, dim)
+                ck, cv = cross.fn.keys_values(context)
+                x = cross.post(x, cross.fn.attend(cross.pre(x), ck, cv))
+                x = x.reshape(b * m * k, length, dim)
+            x = ff.post(x, ff.fn(ff.pre(x)))
+        return self.final_norm(x).reshape(b, m, k * length, dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+
+class DIABLOGPT(nn.Module):
+    """RETRO: a decoder-only language model with chunked cross-attention to retrieved neighbours.
+
+    Args:
+        num_tokens: vocabulary size (default 30522, the default tokenizer's: uncased BERT vocab).
+        max_seq_len: longest input sequence (positions are rotary; this bounds caches and checks).
+        enc_dim, enc_depth: neighbour encoder width and number of layers.
+        dec_dim, dec_depth: decoder width and number of layers.
+        dec_cross_attn_layers: 1-based decoder layers with chunked cross-attention.
+        heads, dim_head: attention heads and width per head (decoder and encoder).
+        chunk_size: retrieval chunk length C (64 in the paper).
+        pad_id: padding token id (ignored in the loss; masked in neighbours).
+        dec_attn_dropout, dec_ff_dropout, enc_attn_dropout, enc_ff_dropout: dropout rates.
+        enc_cross_attn_layers: 1-based encoder layers that cross-attend to the decoder chunk
+            (default: all).
+        use_deepnet: DeepNet post-norm residuals with alpha scaling and beta-scaled init.
+        gated_rmsnorm: gated RMSNorm everywhere.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_tokens: int = 30522,
+        max_seq_len: int = 2048,
+        enc_dim: int = 896,
+        enc_depth: int = 2,
+        dec_dim: int = 768,
+        dec_depth: int = 12,
+        dec_cross_attn_layers: Sequence[int] = (1, 3, 6, 9),
+        heads: int = 8,
+        dim_head: int = 64,
+        chunk_size: int = 64,
+        pad_id: int = 0,
+        dec_attn_dropout: float = 0.0,
+        dec_ff_dropout: float = 0.0,
+        enc_attn_dropout: float = 0.0,
+        enc_ff_dropout: float = 0.0,
+        enc_cross_attn_layers: Optional[Sequence[int]] = None,
+        use_deepnet: bool = False,
+        gated_rmsnorm: bool = False,
+    ):
+        super().__init__()
+        dec_cross_attn_layers = tuple(int(i) for i in dec_cross_attn_layers)
+        enc_cross_attn_layers = (tuple(range(1, enc_depth + 1)) if enc_cross_attn_layers is None
+                                 else tuple(int(i) for i in enc_cross_attn_layers))
+        for name, layers, depth in (("dec_cross_attn_layers", dec_cross_attn_layers, dec_depth),
+                                    ("enc_cross_attn_layers", enc_cross_attn_layers, enc_depth)):
+            bad = [i for i in layers if not 1 <= i <= depth]
+            if bad:
+                raise ValueError(f"{name} are 1-based layer numbers in [1, {depth}]; got {bad}")
+        if not dec_cross_attn_layers:
+            raise ValueError("dec_cross_attn_layers is empty: RETRO needs at least one CCA layer")
+        if dim_head % 2:
+            raise ValueError(f"dim_head must be even for rotary embeddings; got {dim_head}")
+        if max_seq_len < chunk_size:
+            raise ValueError(f"max_seq_len ({max_seq_len}) must be at least chunk_size ({chunk_size})")
+
+        self.config = dict(
+            num_tokens=num_tokens, max_seq_len=max_seq_len, enc_dim=enc_dim, enc_depth=enc_depth,
+            dec_dim=dec_dim, dec_depth=dec_depth, dec_cross_attn_layers=list(dec_cross_attn_layers),
+            heads=heads, dim_head=dim_head, chunk_size=chunk_size, pad_id=pad_id,
+            dec_attn_dropout=dec_attn_dropout, dec_ff_dropout=dec_ff_dropout,
+            enc_attn_dropout=enc_attn_dropout, enc_ff_dropout=enc_ff_dropout,
+            enc_cross_attn_layers=list(enc_cross_attn_layers), use_deepnet=use_deepnet,
+            gated_rmsnorm=gated_rmsnorm,
+        )
+        self.num_tokens, self.max_seq_len, self.chunk_size, self.pad_id = num_tokens, max_seq_len, chunk_size, pad_id
+        self.heads, self.dim_head = heads, dim_head
+        self.deepnet = deepnet_constants(enc_depth, dec_depth) if use_deepnet else None
+        dec_alpha = self.deepnet["dec_alpha"] if self.deepnet else None
+
+        self.token_emb = nn.Embedding(num_tokens, dec_dim)
+        self.to_enc = nn.Linear(dec_dim, enc_dim, bias=False) if enc_dim != dec_dim else nn.Identity()
+        self.encoder = Encoder(enc_dim, enc_depth, dec_dim, heads, dim_head, enc_attn_dropout,
+                               enc_ff_dropout, enc_cross_attn_layers, gated_rmsnorm, self.deepnet)
+        self.rotary = Rotary(dim_head)
+        self.layers = nn.ModuleList()
+        self.cca_layer_ids: list[int] = []
+        for layer_num in range(1, dec_depth + 1):
+            attn = Residual(dec_dim, SelfAttention(dec_dim, heads, dim_head, dec_attn_dropout, causal=True),
+                            gated_rmsnorm, dec_alpha)
+            cca = None
+            if layer_num in dec_cross_attn_layers:
+                cca = Residual(dec_dim, CrossAttention(dec_dim, enc_dim, heads, dim_head, dec_attn_dropout,
+                                                       null_kv=True), gated_rmsnorm, dec_alpha)
+                self.cca_layer_ids.append(layer_num - 1)
+            ff = Residual(dec_dim, FeedForward(dec_dim, dropout=dec_ff_dropout), gated_rmsnorm, dec_alpha)
+            self.layers.append(nn.ModuleList([attn, cca, ff]))
+        self.final_norm = nn.Identity() if use_deepnet else RMSNorm(dec_dim, gated=gated_rmsnorm)
+        self.to_logits = nn.Linear(dec_dim, num_tokens, bias=False)
+        self._init_weights()
+
+    # -- init ----------------------------------------------------------------------------------
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        nn.init.normal_(self.to_logits.weight, std=self.to_logits.in_features ** -0.5)
+        if self.deepnet is None:
+            return
+        # DeepNet init: xavier-normal with gain beta on feed-forward, value and output projections
+        # (keys/queries gain 1), separately for encoder (enc_beta) and decoder (dec_beta)
+        for part, beta in ((self.encoder, self.deepnet["enc_beta"]), (self.layers, self.deepnet["dec_beta"])):
+            for module in part.modules():
+                if isinstance(module, FeedForward):
+                    for lin in (module.net[0], module.net[-1]):
+                        nn.init.xavier_normal_(lin.weight, gain=beta)
+                elif isinstance(module, SelfAttention):
+                    inner = module.heads * module.dim_head
+                    q, k, v = module.to_qkv.weight.data.split(inner, dim=0)
+                    for w, gain in ((q, 1.0), (k, 1.0), (v, beta)):
+                        nn.init.xavier_normal_(w, gain=gain)
+                    nn.init.xavier_normal_(module.to_out.weight, gain=beta)
+                elif isinstance(module, CrossAttention):
+                    inner = module.heads * module.dim_head
+                    nn.init.xavier_normal_(module.to_q.weight, gain=1.0)
+                    k, v = module.to_kv.weight.data.split(inner, dim=0)
+                    nn.init.xavier_normal_(k, gain=1.0)
+                    nn.init.xavier_normal_(v, gain=beta)
+                    nn.init.xavier_normal_(module.to_out.weight, gain=beta)
+
+    def no_weight_decay_parameter_names(self) -> set[str]:
+        """Names of parameters that take no weight decay: norm gains/gates, biases, null key/values."""
+        return {name for name, p in self.named_parameters() if p.ndim < 2 or "null_" in name}
+
+    # -- public forward ------------------------------------------------------------------------
+
+    def forward(self, seq: Tensor, retrieved: Optional[Tensor] = None, return_loss: bool = False) -> Tensor:
+        """Logits (b, n, num_tokens) for ``seq`` (b, n), or with ``return_loss`` the mean
+        cross-entropy of ``seq[:, 1:]`` given ``seq[:, :-1]`` over labels that are not ``pad_id``.
+
+        ``retrieved`` (b, >= n // C, K, 2C) enables chunked cross-attention; None runs the same
+        weights without retrieval (CCA layers are skipped).
+        """
+        if return_loss:
+            seq, labels = seq[:, :-1], seq[:, 1:]
+        logits = self._run(seq, retrieved, cache=None)
+        if not return_loss:
+            return logits
+        return F.cross_entropy(rearrange(logits, "b n v -> b v n").float(), labels, ignore_index=self.pad_id)
+
+    @torch.no_grad()
+    def init_cache(self, batch_size: int, retrieval: bool = True, device=None,
+                   dtype: Optional[torch.dtype] = None) -> DecodeCache:
+        """An empty :class:`DecodeCache` for ``batch_size`` rows (buffers of max_seq_len positions)."""
+        param = next(self.parameters())
+        device = device if device is not None else param.device
+        dtype = dtype if dtype is not None else param.dtype
+        shape = (batch_size, self.heads, self.max_seq_len, self.dim_head)
+        self_kv = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                   for _ in self.layers]
+        return DecodeCache(length=0, self_kv=self_kv, retrieval=retrieval)
+
+    def decode(self, tokens: Tensor, cache: DecodeCache, retrieved: Optional[Tensor] = None) -> Tensor:
+        """Incremental forward: logits (b, t, num_tokens) for ``tokens`` (b, t) at positions
+        cache.length .. cache.length + t - 1; the cache advances by t.
+
+        With ``cache.retrieval``, ``retrieved`` must hold (b, c, K, 2C) neighbours for exactly the
+        c chunks that complete inside this call (chunk u completes at position (u+1)C - 1), in
+        order; their encodings and CCA keys/values are computed once and cached. The logits equal
+        those of a full forward over the whole prefix with the same neighbours.
+        """
+        with torch.no_grad():
+            return self._run(tokens, retrieved, cache)
+
+    # -- the shared path -----------------------------------------------------------------------
+
+    def _run(self, tokens: Tensor, retrieved: Optional[Tensor], cache: Optional[DecodeCache]) -> Tensor:
+        b, n = tokens.shape
+        C = self.chunk_size
+        start = cache.length if cache is not None else 0
+        end = start + n
+        if end > self.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.max_seq_len}")
+        new_chunks = end // C - start // C
+        use_retrieval = cache.retrieval if cache is not None else retrieved is not None
+        if use_retrieval and new_chunks > 0:
+            retrieved = self._check_retrieved(retrieved, b, new_chunks, exact=cache is not None)
+        elif cache is not None and retrieved is not None and retrieved.shape[1] != 0:
+            raise ValueError(
+                f"retrieved was given for {retrieved.shape[1]} chunk(s) but "
+                + ("this cache decodes without retrieval" if not cache.retrieval
+                   else f"no chunk completes in positions [{start}, {end})")
+            )
+
+        x = self.token_emb(tokens)
+        rot = self.rotary(torch.arange(start, end, device=tokens.device))
+        cca_state = None  # (keys, values, mask) of all chunks so far, for every CCA layer
+        first_cca = self.cca_layer_ids[0]
+        cca_index = 0
+        for layer_id, (attn, cca, ff) in enumerate(self.layers):
+            kv_cache = cache.self_kv[layer_id] if cache is not None else None
+            x = attn.post(x, attn.fn(attn.pre(x), rot, kv_cache=kv_cache, start=start))
+            if cca is not None and use_retrieval:
+                if layer_id == first_cca:
+                    cca_state = self._encode_new_chunks(x, retrieved, new_chunks, cache)
+                out = self._chunked_cross_attention(cca, cca_index, x, start, cca_state)
+                x = cca.post(x, out)
+                cca_index += 1
+            elif cca is not None:
+                x = cca.post(x, None)  # retrieval off: CCA contributes nothing
+            x = ff.post(x, ff.fn(ff.pre(x)))
+        if cache is not None:
+            cache.length = end
+        return self.to_logits(self.final_norm(x))
+
+    def _check_retrieved(self, retrieved: Optional[Tensor], b: int, chunks: int, exact: bool) -> Tensor:
+        C = self.chunk_size
+        if retrieved is None:
+            raise ValueError(f"retrieved neighbours are needed for {chunks} completed chunk(s) of this call")
+        if retrieved.ndim != 4 or retrieved.shape[0] != b or retrieved.shape[-1] != 2 * C:
+            raise ValueError(
+                f"retrieved must be (batch={b}, chunks, K, 2*chunk_size={2 * C}); got {tuple(retrieved.shape)}"
+            )
+        if (exact and retrieved.shape[1] != chunks) or retrieved.shape[1] < chunks:
+            raise ValueError(
+                f"retrieved covers {retrieved.shape[1]} chunk(s); this call needs "
+                f"{'exactly ' if exact else 'at least '}{chunks} (one per completed chunk of {C} tokens)"
+            )
+        return retrieved[:, :chunks]
+
+    def _encode_new_chunks(self, h: Tensor, retrieved: Optional[Tensor], new_chunks: int,
+                           cache: Optional[DecodeCache]) -> tuple:
+        """Encode the neighbours of the chunks completing in this call (context: the decoder hidden
+        states ``h`` at the first CCA layer) and compute every CCA layer's keys/values.
+
+        Returns (keys, values, mask) for all chunks so far: per CCA layer (b, m, h, 1 + K*2C, dh)
+        keys and values, and the (b, m, 1 + K*2C) mask; with a cache they are appended to it."""
+        C = self.chunk_size
+        if cache is not None:
+            prefix = cache.partial_hidden if cache.partial_hidden is not None else h[:, :0]
+            h_all = torch.cat((prefix, h), dim=1)  # positions (start // C) * C .. end - 1
+            cache.partial_hidden = h_all[:, new_chunks * C:]
+        else:
+            h_all = h
+        if new_chunks == 0:
+            return (cache.cca_k, cache.cca_v, cache.cca_mask) if cache is not None else ([], [], None)
+        context = rearrange(h_all[:, : new_chunks * C], "b (m c) d -> b m c d", c=C)
+        b, m, k, length = retrieved.shape
+        pad_mask = retrieved == self.pad_id
+        neighbours = self.to_enc(self.token_emb(retrieved))
+        encoded = self.encoder(neighbours, pad_mask, context)  # (b, m, K*2C, enc_dim)
+
+        rot = self.rotary(torch.arange(length, device=h.device).repeat(k))  # positions within each neighbour
+        flat = rearrange(encoded, "b m l d -> (b m) l d")
+        keys, values = [], []
+        for layer_id in self.cca_layer_ids:
+            ck, cv = self.layers[layer_id][1].fn.keys_values(flat, rot)  # (b m, h, 1 + K*2C, dh)
+            keys.append(rearrange(ck, "(b m) h l d -> b m h l d", b=b))
+            values.append(rearrange(cv, "(b m) h l d -> b m h l d", b=b))
+        mask = torch.cat((torch.ones(b, m, 1, dtype=torch.bool, device=h.device),
+                          ~rearrange(pad_mask, "b m k l -> b m (k l)")), dim=-1)
+        if cache is None:
+            return keys, values, mask
+        if cache.cca_mask is None:
+            cache.cca_k, cache.cca_v, cache.cca_mask = keys, values, mask
+        else:
+            cache.cca_k = [torch.cat((old, new), dim=1) for old, new in zip(cache.cca_k, keys)]
+            cache.cca_v = [torch.cat((old, new), dim=1) for old, new in zip(cache.cca_v, values)]
+            cache.cca_mask = torch.cat((cache.cca_mask, mask), dim=1)
+        return cache.cca_k, cache.cca_v, cache.cca_mask
+
+    def _chunked_cross_attention(self, cca: Residual, cca_index: int, x: Tensor, start: int,
+                                 cca_state: tuple) -> Tensor:
+        """CCA output (b, n, dec_dim) for positions start..start+n-1; zero before position C-1.
+
+        Window u = positions [(u+1)C - 1, (u+2)C - 1) attends to chunk u's neighbours. Query offset
+        i in a window sits C-1+i tokens after chunk u's first token; neighbour token j sits j tokens
+        after its neighbour's first token: those are the rotary positions (computed once).
+        """
+        C = self.chunk_size
+        b, n, dim = x.shape
+        end = start + n
+        first = max(start, C - 1)  # first position that cross-attends
+        keys_all, values_all, mask_all = cca_state
+        if first >= end or mask_all is None:
+            return torch.zeros_like(x)
+        offset = (first - (C - 1)) % C
+        w0 = (first - (C - 1)) // C
+        count = end - first
+        windows = math.ceil((offset + count) / C)
+        q_in = cca.pre(x)[:, first - start:]
+        q_in = F.pad(q_in, (0, 0, offset, windows * C - offset - count))
+        q_in = rearrange(q_in, "b (w c) d -> (b w) c d", c=C)
+        k = rearrange(keys_all[cca_index][:, w0:w0 + windows], "b w h l d -> (b w) h l d")
+        v = rearrange(values_all[cca_index][:, w0:w0 + windows], "b w h l d -> (b w) h l d")
+        mask = rearrange(mask_all[:, w0:w0 + windows], "b w l -> (b w) 1 1 l")
+        q_rot = self.rotary(torch.arange(C - 1, 2 * C - 1, device=x.device))
+        out = cca.fn.attend(q_in, k, v, q_rot=q_rot, attn_mask=mask)
+        out = rearrange(out, "(b w) c d -> b (w c) d", b=b)[:, offset:offset + count]
+        return F.pad(out, (0, 0, first - start, 0))
