@@ -1,0 +1,444 @@
+"""TrainingWrapper: a folder of text documents -> the retrieval database -> batches for DIABLOGPT.
+
+Pipeline (DESIGN.md §5): the documents matching ``glob`` under ``documents_path`` are split
+deterministically into a training part and a held-out part (by a hash of each document's path
+relative to the folder, so the split does not depend on listing order). Training documents become
+the chunks/seqs/doc_ids memmaps, their embeddings, a faiss index and the knn memmap; held-out
+documents become the same memmaps with ``.valid`` before the suffix (``train.chunks.dat`` ->
+``train.chunks.valid.dat``), whose neighbours are searched in the *training* index (a held-out
+chunk never retrieves itself or its own document, which is not in the index).
+
+Every file is built by ``diablogpt_pytorch.retrieval``, which records what it was made from in a
+``.meta.json`` sidecar and reuses a file only while that still matches; ``REPROCESS=1`` rebuilds.
+
+faiss/autofaiss/transformers are imported only inside the methods that build or query the
+database, so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch.utils.data import DataLoader
+
+from diablogpt_pytorch import checkpoint as ckpt
+from diablogpt_pytorch._io import read_meta
+from diablogpt_pytorch.data import DIABLOGPTDataset
+from diablogpt_pytorch.evaluation import autocast_context, evaluate
+
+logger = logging.getLogger(__name__)
+
+
+def split_documents(
+    paths: list[Path], root: Path, valid_fraction: float
+) -> tuple[list[Path], list[Path]]:
+    """Deterministic (train, valid) split of document ``paths``.
+
+    Documents are ranked by the SHA-1 of their path relative to ``root``; the first
+    ``round(valid_fraction * n)`` (at least 1 when ``valid_fraction > 0``, at most n - 1) are held
+    out. Both lists come back in sorted path order. With fewer than 2 documents nothing is held
+    out.
+    """
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must lie in [0, 1); got {valid_fraction}")
+    n = len(paths)
+    if valid_fraction == 0.0 or n < 2:
+        return sorted(paths), []
+    n_valid = min(n - 1, max(1, round(valid_fraction * n)))
+    ranked = sorted(
+        paths, key=lambda p: hashlib.sha1(p.relative_to(root).as_posix().encode()).hexdigest()
+    )
+    return sorted(ranked[n_valid:]), sorted(ranked[:n_valid])
+
+
+def held_out_path(path: Union[str, os.PathLike], tag: str = "valid") -> Path:
+    """``train.chunks.dat`` -> ``train.chunks.valid.dat`` (the held-out split's file)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{tag}{path.suffix}")
+
+
+def knn_path_for(chunks_memmap_path: Union[str, os.PathLike]) -> Path:
+    """Where the knn memmap of a chunks memmap lives: ``<dir>/<stem>.knn<suffix>``."""
+    path = Path(chunks_memmap_path)
+    return path.with_name(f"{path.stem}.knn{path.suffix}")
+
+
+class TrainingWrapper:
+    """Builds (or reuses) the retrieval database for a folder of text and serves DIABLOGPT training.
+
+    Args (the seed's):
+        diablogpt: the DIABLOGPT to train. Its ``chunk_size`` must equal ``chunk_size``, its
+            ``max_seq_len`` is the training sequence length, and its ``num_tokens`` must cover the
+            tokenizer's vocabulary.
+        knn: neighbours per chunk (K).
+        chunk_size: C, tokens per chunk.
+        documents_path: folder of text documents; glob: which files in it (e.g. ``'**/*.txt'``).
+        chunks_memmap_path, seqs_memmap_path, doc_ids_memmap_path: where the training memmaps go.
+        max_chunks, max_seqs: caps on the training database (an error when exceeded).
+        knn_extra_neighbors: extra candidates fetched per chunk so that same-document ones can be
+            dropped.
+        max_index_memory_usage, current_memory_available: faiss index budget (autofaiss style).
+
+    Extras:
+        valid_fraction: share of documents held out for ``evaluate`` (0 disables; default 0.1).
+        embedder: embedder/tokenizer name or local directory (default: the offline default,
+            or ``$DIABLOGPT_EMBEDDER``).
+        device: where evaluation and generation run (default: the model's device).
+        embed_device: where the embedder runs while building (default: ``device``).
+        bf16: bfloat16 autocast in ``autocast()``, ``evaluate`` and ``generate``.
+        embed_batch_size: chunks per embedder forward pass; index_batch_size: queries per faiss
+            search.
+    """
+
+    def __init__(
+        self,
+        *,
+        diablogpt: torch.nn.Module,
+        knn: int = 2,
+        chunk_size: int = 64,
+        documents_path: Union[str, os.PathLike] = "./text_folder",
+        glob: str = "**/*.txt",
+        chunks_memmap_path: Union[str, os.PathLike] = "./train.chunks.dat",
+        seqs_memmap_path: Union[str, os.PathLike] = "./train.seq.dat",
+        doc_ids_memmap_path: Union[str, os.PathLike] = "./train.doc_ids.dat",
+        max_chunks: int = 1_000_000,
+        max_seqs: int = 100_000,
+        knn_extra_neighbors: int = 100,
+        max_index_memory_usage: str = "100m",
+        current_memory_available: str = "1G",
+        valid_fraction: float = 0.1,
+        embedder: Optional[str] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        embed_device: Optional[Union[str, torch.device]] = None,
+        bf16: bool = False,
+        embed_batch_size: int = 64,
+        index_batch_size: int = 4096,
+    ):
+        from diablogpt_pytorch import embedder as emb
+
+        self.model = diablogpt
+        self.knn = int(knn)
+        self.chunk_size = int(chunk_size)
+        self.seq_len = int(diablogpt.max_seq_len)
+        self.documents_path = Path(documents_path)
+        self.glob = glob
+        self.max_chunks, self.max_seqs = int(max_chunks), int(max_seqs)
+        self.knn_extra_neighbors = int(knn_extra_neighbors)
+        self.max_index_memory_usage = max_index_memory_usage
+        self.current_memory_available = current_memory_available
+        self.valid_fraction = float(valid_fraction)
+        self.embedder = emb.resolve_embedder(embedder)
+        self.device = torch.device(device) if device is not None else next(diablogpt.parameters()).device
+        self.embed_device = torch.device(embed_device) if embed_device is not None else self.device
+        self.bf16 = bool(bf16)
+        self.embed_batch_size = int(embed_batch_size)
+        self.index_batch_size = int(index_batch_size)
+
+        self.tokenizer = emb.tokenizer_info(self.embedder)
+        self._check_model()
+
+        self.paths = {
+            "chunks": Path(chunks_memmap_path),
+            "seqs": Path(seqs_memmap_path),
+            "doc_ids": Path(doc_ids_memmap_path),
+        }
+        self.valid_paths = {name: held_out_path(p) for name, p in self.paths.items()}
+        self.train_documents, self.valid_documents = split_documents(
+            self._documents(), self.documents_path, self.valid_fraction
+        )
+        self.train_ds, self.train_stats = self._build(self.train_documents, self.paths, train=True)
+        self.valid_ds, self.valid_stats, self.valid_num_bytes = None, None, None
+        if self.valid_documents:
+            self.valid_ds, self.valid_stats = self._build(self.valid_documents, self.valid_paths,
+                                                          train=False)
+            self.valid_num_bytes = sum(p.stat().st_size for p in self.valid_documents)
+        self._retriever = None
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def _check_model(self) -> None:
+        model, tok = self.model, self.tokenizer
+        if model.chunk_size != self.chunk_size:
+            raise ValueError(
+                f"DIABLOGPT was built with chunk_size={model.chunk_size} but TrainingWrapper got "
+                f"chunk_size={self.chunk_size}: pass the same chunk size to both"
+            )
+        if self.seq_len % self.chunk_size:
+            raise ValueError(
+                f"DIABLOGPT max_seq_len={self.seq_len} is not a multiple of chunk_size="
+                f"{self.chunk_size}: training sequences are whole chunks"
+            )
+        if model.num_tokens < tok.vocab_size:
+            raise ValueError(
+                f"DIABLOGPT num_tokens={model.num_tokens} is smaller than the vocabulary of the "
+                f"tokenizer {tok.name!r} ({tok.vocab_size} tokens): build DIABLOGPT with "
+                f"num_tokens={tok.vocab_size} (or larger)"
+            )
+        if model.pad_id != tok.pad_id:
+            raise ValueError(
+                f"DIABLOGPT pad_id={model.pad_id} differs from the pad id {tok.pad_id} of the "
+                f"tokenizer {tok.name!r}: build DIABLOGPT with pad_id={tok.pad_id}"
+            )
+        if self.knn < 1:
+            raise ValueError(f"knn must be at least 1; got {self.knn}")
+
+    def _documents(self) -> list[Path]:
+        folder = self.documents_path
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"documents_path {str(folder)!r} is not a folder: point it at a folder of text "
+                "files (diablogpt_pytorch.corpus.write_default_corpus writes a default one)"
+            )
+        paths = sorted(p for p in folder.glob(self.glob) if p.is_file())
+        if not paths:
+            raise FileNotFoundError(
+                f"no files in {str(folder)!r} match glob {self.glob!r}: add documents or fix the glob"
+            )
+        return paths
+
+    def _check_files(self, paths: dict[str, Path]) -> None:
+        """The built chunk file must record this wrapper's chunk size, sequence length, tokenizer."""
+        meta = read_meta(paths["chunks"]) or {}
+        expected = {"chunk_size": self.chunk_size, "seq_len": self.seq_len}
+        for key, value in expected.items():
+            if key in meta and meta[key] != value:
+                raise ValueError(
+                    f"{str(paths['chunks'])!r} was built with {key}={meta[key]} but the model and "
+                    f"wrapper use {key}={value}: rebuild it (REPROCESS=1) or use other paths"
+                )
+
+    # -- building ------------------------------------------------------------------------------
+
+    def _build(self, documents: list[Path], paths: dict[str, Path], train: bool):
+        from diablogpt_pytorch import retrieval
+
+        what = "training" if train else "held-out"
+        logger.info("%s split: %d documents", what, len(documents))
+        stats = retrieval.text_folder_to_chunks_(
+            folder=str(self.documents_path),
+            glob=self.glob,
+            chunks_memmap_path=str(paths["chunks"]),
+            seqs_memmap_path=str(paths["seqs"]),
+            doc_ids_memmap_path=str(paths["doc_ids"]),
+            chunk_size=self.chunk_size,
+            seq_len=self.seq_len,
+            max_chunks=self.max_chunks if train else 2**31 - 1,
+            max_seqs=self.max_seqs if train else 2**31 - 1,
+            paths=documents,
+            embedder=self.embedder,
+        )
+        self._check_files(paths)
+        num_chunks = stats["chunks"]
+        if train:
+            retrieval.chunks_to_precalculated_knn_(
+                num_chunks=num_chunks,
+                chunk_size=self.chunk_size,
+                chunk_memmap_path=str(paths["chunks"]),
+                doc_ids_memmap_path=str(paths["doc_ids"]),
+                num_nearest_neighbors=self.knn,
+                num_extra_neighbors=self.knn_extra_neighbors,
+                max_index_memory_usage=self.max_index_memory_usage,
+                current_memory_available=self.current_memory_available,
+                embedder=self.embedder,
+                device=str(self.embed_device),
+                batch_size=self.embed_batch_size,
+            )
+        else:
+            if stats["docs"] != len(documents):
+                raise ValueError(
+                    f"the held-out split has {len(documents)} documents but {stats['docs']} were "
+                    "chunked; bits per byte would be wrong"
+                )
+            retrieval.query_chunks_to_knn_(
+                num_chunks=num_chunks,
+                chunk_size=self.chunk_size,
+                chunk_memmap_path=str(paths["chunks"]),
+                index_chunk_memmap_path=str(self.paths["chunks"]),
+                num_nearest_neighbors=self.knn,
+                embedder=self.embedder,
+                device=str(self.embed_device),
+                batch_size=self.embed_batch_size,
+            )
+        dataset = DIABLOGPTDataset(
+            num_sequences=stats["seqs"],
+            num_chunks=num_chunks,
+            num_neighbors=self.knn,
+            chunk_size=self.chunk_size,
+            seq_len=self.seq_len,
+            chunk_memmap_path=paths["chunks"],
+            chunk_nn_memmap_path=knn_path_for(paths["chunks"]),
+            seq_memmap_path=paths["seqs"],
+            doc_ids_memmap_path=paths["doc_ids"],
+            eos_id=self.tokenizer.eos_id,
+            pad_id=self.tokenizer.pad_id,
+        )
+        logger.info("%s split: %s", what, stats)
+        return dataset, stats
+
+    # -- training ------------------------------------------------------------------------------
+
+    def get_dataloader(self, **kwargs) -> DataLoader:
+        """A ``DataLoader`` over the training sequences; kwargs go to ``DataLoader``.
+
+        Batches are (seq (b, seq_len + 1), retrieved (b, seq_len / C, K, 2C)), int64, on CPU.
+        """
+        return DataLoader(self.train_ds, **kwargs)
+
+    def get_optimizer(
+        self,
+        lr: float = 3e-4,
+        wd: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        **kwargs,
+    ) -> torch.optim.AdamW:
+        """AdamW; weight decay ``wd`` on matrices only (not norms, biases, null key/values).
+
+        Parameters are listed in ``named_parameters`` order (deterministic, so optimizer state
+        dicts line up on resume). Extra kwargs go to ``torch.optim.AdamW``.
+        """
+        return get_optimizer(self.model, lr=lr, wd=wd, betas=betas, eps=eps, **kwargs)
+
+    def autocast(self) -> AbstractContextManager:
+        """bfloat16 autocast on ``device`` when the wrapper was built with ``bf16=True``."""
+        return autocast_context(self.device, self.bf16)
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(
+        self, batch_size: int = 4, max_batches: Optional[int] = None, progress: bool = True
+    ) -> dict[str, dict[str, Any]]:
+        """Held-out loss, perplexity and bits per byte with retrieval and without it
+        (``retrieved=None``), for the same weights.
+
+        Returns ``{'with_retrieval': metrics, 'without_retrieval': metrics}``; see
+        ``diablogpt_pytorch.evaluation`` for exactly what is counted.
+        """
+        if self.valid_ds is None:
+            raise ValueError(
+                "there is no held-out split to evaluate on: build TrainingWrapper with "
+                "valid_fraction > 0 over at least 2 documents"
+            )
+        return {
+            f"{'with' if use else 'without'}_retrieval": evaluate(
+                self.model, self.valid_ds, use_retrieval=use, batch_size=batch_size,
+                device=self.device, bf16=self.bf16, num_bytes=self.valid_num_bytes,
+                max_batches=max_batches, progress=progress,
+            )
+            for use in (True, False)
+        }
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def database_info(self) -> dict[str, Any]:
+        """What a checkpoint records about the database the model was trained with."""
+        return {
+            "embedder": self.embedder,
+            "knn": self.knn,
+            "chunk_size": self.chunk_size,
+            "seq_len": self.seq_len,
+            "chunks_memmap_path": str(self.paths["chunks"]),
+            "doc_ids_memmap_path": str(self.paths["doc_ids"]),
+            "num_chunks": int(self.train_stats["chunks"]),
+        }
+
+    def save_checkpoint(
+        self,
+        path: Union[str, os.PathLike],
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        step: int = 0,
+        extra: Optional[dict[str, Any]] = None,
+    ) -> Path:
+        """Save model config + weights (+ optimizer, step, RNG state) atomically to ``path``."""
+        extra = dict(extra or {}, database=self.database_info())
+        return ckpt.save_checkpoint(path, self.model, optimizer=optimizer, step=step, extra=extra)
+
+    def load_checkpoint(
+        self, path: Union[str, os.PathLike], optimizer: Optional[torch.optim.Optimizer] = None,
+        restore_rng: bool = True,
+    ) -> dict[str, Any]:
+        """Restore weights (+ optimizer, RNG state) saved by ``save_checkpoint``; returns the
+        payload (``payload['step']`` is the step to continue from)."""
+        return ckpt.load_checkpoint(path, self.model, optimizer=optimizer, restore_rng=restore_rng,
+                                    map_location=self.device)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    @property
+    def retriever(self):
+        """The generation-time retriever over the training database (built on first use)."""
+        if self._retriever is None:
+            from diablogpt_pytorch.retrieval import Retriever
+
+            self._retriever = Retriever(
+                chunks_memmap_path=str(self.paths["chunks"]),
+                doc_ids_memmap_path=str(self.paths["doc_ids"]),
+                num_chunks=self.train_stats["chunks"],
+                chunk_size=self.chunk_size,
+                embedder=self.embedder,
+                device=str(self.embed_device),
+            )
+        return self._retriever
+
+    def generate(
+        self,
+        start: Optional[torch.Tensor] = None,
+        retrieved: Optional[torch.Tensor] = None,
+        filter_fn: Optional[Callable] = None,
+        filter_thres: float = 0.9,
+        temperature: float = 1.0,
+        max_new_tokens: Optional[int] = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Sample from the model with retrieval at chunk boundaries (see
+        ``diablogpt_pytorch.generation.generate``)."""
+        from diablogpt_pytorch.generation import generate as _generate
+
+        return _generate(
+            self.model, self.retriever, start=start, retrieved=retrieved, filter_fn=filter_fn,
+            filter_thres=filter_thres, temperature=temperature, max_new_tokens=max_new_tokens,
+            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, **kwargs,
+        )
+
+
+def get_optimizer(
+    model: torch.nn.Module,
+    lr: float = 3e-4,
+    wd: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    **kwargs,
+) -> torch.optim.AdamW:
+    """AdamW with two parameter groups: decayed matrices, and undecayed norms/biases/null kv.
+
+    Uses ``model.no_weight_decay_parameter_names()`` when the model has it, else "ndim < 2".
+    Both groups list parameters in ``model.named_parameters()`` order (never via sets). Frozen
+    parameters are left out. Each group records its parameter names under ``'names'``.
+    """
+    if hasattr(model, "no_weight_decay_parameter_names"):
+        no_decay = model.no_weight_decay_parameter_names()
+    else:
+        no_decay = {n for n, p in model.named_parameters() if p.ndim < 2}
+    decay_names, decay, plain_names, plain = [], [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name in no_decay:
+            plain_names.append(name)
+            plain.append(param)
+        else:
+            decay_names.append(name)
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": wd, "names": decay_names},
+        {"params": plain, "weight_decay": 0.0, "names": plain_names},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps,
+                             **kwargs)
