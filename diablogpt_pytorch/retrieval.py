@@ -1,0 +1,704 @@
+"""The retrieval database: text folder -> chunk memmaps -> embeddings -> faiss index -> neighbours.
+
+Public functions (the seed's names; extra keyword arguments are ours):
+
+- :func:`tokenize`, :func:`bert_embed`: free text -> BERT ids -> pooled embeddings.
+- :func:`text_folder_to_chunks_`: one document per file -> chunks / seqs / doc_ids memmaps.
+- :func:`chunks_to_index_and_embed`: chunks -> ``<stem>.emb.npy`` + ``<stem>.index`` (faiss).
+- :func:`chunks_to_precalculated_knn_`: -> ``<stem>.knn<suffix>``, int32 (num_chunks, K), -1 = none.
+- :func:`query_chunks_to_knn_`: neighbours in the database for chunks of other documents.
+- :class:`Retriever`: generation-time lookup, built from the files on disk alone.
+
+File formats (DESIGN.md §3): for ``train.chunks.dat`` with chunk size C,
+
+- ``train.chunks.dat``   int32 (num_chunks, C+1) raw memmap: a chunk's C tokens + the first token
+  of the next chunk in the global token stream (pad for the last chunk);
+- ``train.doc_ids.dat``  int32 (num_chunks,), ``train.seq.dat`` int32 (num_seqs,);
+- ``train.chunks.emb.npy`` float32 (num_chunks, hidden) L2-normalised embeddings (``.npy``);
+- ``train.chunks.index`` faiss index over them, inner product (= cosine similarity);
+- ``train.chunks.knn.dat`` int32 (num_chunks, K);
+- each with a provenance sidecar ``<file>.meta.json`` (see :mod:`diablogpt_pytorch._io`).
+
+Every function reuses its outputs when their sidecar records the same inputs (logged), rebuilds
+them otherwise (the log says why), and always rebuilds under ``REPROCESS=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diablogpt_pytorch import embedder as emb
+from diablogpt_pytorch import index as idx
+from diablogpt_pytorch._io import atomic_path, meta_path, read_meta, reprocess_requested, write_meta
+from diablogpt_pytorch.neighbours import neighbour_tokens
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- file names
+
+
+def knn_path_for(chunk_memmap_path: PathLike) -> Path:
+    """``<dir>/<stem>.knn<suffix>``: ``train.chunks.dat`` -> ``train.chunks.knn.dat``."""
+    p = Path(chunk_memmap_path)
+    return p.with_name(f"{p.stem}.knn{p.suffix}")
+
+
+def embeddings_path_for(chunk_memmap_path: PathLike) -> Path:
+    """``<dir>/<stem>.emb.npy``: float32 (num_chunks, hidden) normalised embeddings."""
+    p = Path(chunk_memmap_path)
+    return p.with_name(f"{p.stem}.emb.npy")
+
+
+def index_path_for(chunk_memmap_path: PathLike) -> Path:
+    """``<dir>/<stem>.index``: the faiss index over the embeddings."""
+    p = Path(chunk_memmap_path)
+    return p.with_name(f"{p.stem}.index")
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def _fingerprint(path: PathLike) -> dict[str, Any]:
+    """Identity of an input file: size, mtime and a digest of its own provenance sidecar."""
+    path = Path(path)
+    st = path.stat()
+    meta = read_meta(path)
+    digest = None if meta is None else hashlib.sha256(
+        json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "meta": digest}
+
+
+def _normalised(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def _cached(paths: Sequence[PathLike], inputs: dict[str, Any], what: str,
+            force: bool = False) -> Optional[dict[str, Any]]:
+    """The recorded meta when every path exists with a sidecar recording ``inputs`` (and all
+    sidecars come from one build); else None, after logging why a rebuild is needed."""
+    if force or reprocess_requested():
+        logger.info("rebuilding %s: %s", what, "force_reprocess=True" if force else "REPROCESS is set")
+        return None
+    want = _normalised(inputs)
+    metas = []
+    for p in paths:
+        if not Path(p).exists():
+            logger.info("building %s: %s does not exist", what, p)
+            return None
+        meta = read_meta(p)
+        if meta is None:
+            logger.info("rebuilding %s: %s has no provenance sidecar %s", what, p, meta_path(p))
+            return None
+        if meta.get("inputs") != want:
+            old = meta.get("inputs") or {}
+            changed = sorted(k for k in set(old) | set(want) if old.get(k) != want.get(k))
+            logger.info("rebuilding %s: %s was made from different inputs (changed: %s)",
+                        what, p, ", ".join(changed))
+            return None
+        metas.append(meta)
+    if len({m.get("build") for m in metas}) != 1:
+        logger.info("rebuilding %s: its files come from different builds", what)
+        return None
+    logger.info("reusing %s: %s (inputs unchanged; REPROCESS=1 forces a rebuild)", what,
+                ", ".join(str(p) for p in paths))
+    return metas[0]
+
+
+def _check_memmap(path: PathLike, shape: tuple[int, ...], dtype=np.int32, what: str = "") -> None:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what or 'memmap'} {path} does not exist")
+    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        width = shape[1] if len(shape) > 1 else 1
+        hint = (f" (it holds {actual / (width * np.dtype(dtype).itemsize):g} rows of {width})"
+                if len(shape) > 1 else f" (it holds {actual / np.dtype(dtype).itemsize:g} values)")
+        raise ValueError(
+            f"{what or 'memmap'} {path} has {actual} bytes but shape {shape} {np.dtype(dtype).name} "
+            f"needs {expected}{hint}: num_chunks / chunk_size do not match the file; pass the values "
+            f"text_folder_to_chunks_ returned and used")
+
+
+def open_chunks(chunk_memmap_path: PathLike, num_chunks: int, chunk_size: int) -> np.memmap:
+    """The chunks memmap, read-only, int32 (num_chunks, chunk_size + 1), size-checked."""
+    _check_memmap(chunk_memmap_path, (num_chunks, chunk_size + 1), what="chunks memmap")
+    return np.memmap(chunk_memmap_path, dtype=np.int32, mode="r", shape=(num_chunks, chunk_size + 1))
+
+
+def open_doc_ids(doc_ids_memmap_path: PathLike, num_chunks: int) -> np.memmap:
+    """The doc_ids memmap, read-only, int32 (num_chunks,), size-checked."""
+    _check_memmap(doc_ids_memmap_path, (num_chunks,), what="doc_ids memmap")
+    return np.memmap(doc_ids_memmap_path, dtype=np.int32, mode="r", shape=(num_chunks,))
+
+
+# ----------------------------------------------------------------------------- text -> ids
+
+
+def tokenize(texts: Union[str, Sequence[str]], add_special_tokens: bool = True,
+             embedder: Optional[str] = None) -> torch.Tensor:
+    """Texts -> int64 (b, L) BERT ids, right-padded with the pad id ([CLS] ... [SEP] by default)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    tok = emb.get_tokenizer(embedder)
+    return tok(list(texts), add_special_tokens=add_special_tokens, padding=True,
+               return_attention_mask=False, return_token_type_ids=False,
+               return_tensors="pt", verbose=False)["input_ids"]
+
+
+def bert_embed(token_ids: torch.Tensor, return_cls_repr: bool = False, pad_id: Optional[int] = None, embedder: Optional[str] = None,
+               device: Union[str, torch.device] = "cpu", dtype=None) -> torch.Tensor:
+    """BERT ids (b, L) (from :func:`tokenize`) -> float32 (b, hidden): masked mean of the last
+    hidden states over the non-pad tokens, or the [CLS] vector with ``return_cls_repr``."""
+    token_ids = torch.as_tensor(token_ids).long()
+    if token_ids.ndim == 1:
+        token_ids = token_ids.unsqueeze(0)
+    if pad_id is None:
+        pad_id = emb.tokenizer_info(embedder).pad_id
+    mask = token_ids != pad_id
+    mask[:, 0] |= ~mask.any(dim=1)  # an all-pad row still attends to its first token
+    return emb.bert_forward(token_ids, mask, name=embedder, device=device,
+                            return_cls_repr=return_cls_repr, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- folder -> chunks
+
+
+def _list_documents(folder: Optional[PathLike], glob: str, paths: Optional[Iterable[PathLike]]
+                    ) -> tuple[list[Path], Optional[Path]]:
+    if paths is not None:
+        files = [Path(p) for p in paths]
+        if not files:
+            raise ValueError("paths= is an empty list: pass at least one text file")
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"paths= names files that do not exist: {missing[:5]}")
+        return files, None
+    if folder is None:
+        raise ValueError("pass folder= (with glob=) or paths=")
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"documents folder {root} does not exist or is not a directory")
+    files = sorted((p for p in root.glob(glob) if p.is_file()),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        anything = any(root.iterdir())
+        raise FileNotFoundError(
+            f"no files in {root} match glob {glob!r}"
+            + ("" if anything else " (the folder is empty)")
+            + ": put one text document per file there, or fix folder=/glob=")
+    return files, root
+
+
+def _files_digest(files: list[Path], root: Optional[Path]) -> str:
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        name = p.relative_to(root).as_posix() if root is not None else str(p.resolve())
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        logger.warning("%s is not valid UTF-8 (%s): decoded with replacement characters; "
+                       "re-encode it as UTF-8 to keep those characters", path, err.reason)
+        return data.decode("utf-8", errors="replace")
+
+
+def _document_batches(files: list[Path], docs_per_batch: int, bytes_per_batch: int
+                      ) -> Iterator[list[tuple[Path, str]]]:
+    batch, size = [], 0
+    for path in files:
+        text = _read_text(path)
+        batch.append((path, text))
+        size += len(text)
+        if len(batch) >= docs_per_batch or size >= bytes_per_batch:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.txt",
+                           chunks_memmap_path: Optional[PathLike] = None,
+                           seqs_memmap_path: Optional[PathLike] = None,
+                           doc_ids_memmap_path: Optional[PathLike] = None,
+                           chunk_size: int = 64, seq_len: int = 2048,
+                           max_chunks: int = 1_000_000, max_seqs: int = 100_000, *,
+                           paths: Optional[Iterable[PathLike]] = None,
+                           embedder: Optional[str] = None, truncate: bool = True,
+                           docs_per_batch: int = 64, force_reprocess: bool = False
+                           ) -> dict[str, Any]:
+    """Tokenize one document per file and write the chunk, sequence and document-id memmaps.
+
+    Each document becomes ``tokenizer(text, add_special_tokens=False) + [eos]`` (eos = [SEP]),
+    right-padded with the pad id to a multiple of ``chunk_size``; chunks never cross documents.
+    Documents are packed: sequence i starts at chunk ``i * (seq_len // chunk_size)``, so short
+    documents share sequences instead of becoming mostly padding.
+
+    Files are taken in sorted order (``folder.glob(glob)``, or ``paths`` in the order given),
+    tokenized in batches and streamed to the output files: memory stays bounded by one batch.
+    Files that are not UTF-8 are decoded with replacement characters (a warning names them);
+    files without any token are skipped (warning).
+
+    Limits: at most ``min(max_chunks, max_seqs * seq_len // chunk_size)`` chunks are written. With
+    ``truncate=True`` (default) the database stops there, the last document may be cut, the
+    files left unread are counted, and a warning and ``stats['truncated']`` report it; with
+    ``truncate=False`` it is an error.
+
+    Returns:
+        ``{'chunks', 'docs', 'seqs'}`` counts, plus ``'truncated'``, ``'files_not_read'``,
+        ``'empty_docs'``.
+    """
+    if chunks_memmap_path is None or seqs_memmap_path is None or doc_ids_memmap_path is None:
+        raise ValueError("chunks_memmap_path, seqs_memmap_path and doc_ids_memmap_path are required")
+    if chunk_size <= 0 or seq_len <= 0 or seq_len % chunk_size:
+        raise ValueError(f"seq_len ({seq_len}) must be a positive multiple of chunk_size ({chunk_size})")
+    if max_chunks <= 0 or max_seqs <= 0:
+        raise ValueError(f"max_chunks ({max_chunks}) and max_seqs ({max_seqs}) must be positive")
+    files, root = _list_documents(folder, glob, paths)
+    info = emb.tokenizer_info(embedder)
+    chunks_per_seq = seq_len // chunk_size
+    cap = min(max_chunks, max_seqs * chunks_per_seq)
+    outputs = [Path(chunks_memmap_path), Path(seqs_memmap_path), Path(doc_ids_memmap_path)]
+    if len(set(p.resolve() for p in outputs)) != 3:
+        raise ValueError(f"chunks, seqs and doc_ids paths must differ: {[str(p) for p in outputs]}")
+    inputs = {
+        "kind": "chunks", "version": FORMAT_VERSION,
+        "folder": None if root is None else str(root.resolve()),
+        "glob": None if root is None else glob,
+        "num_files": len(files), "files_digest": _files_digest(files, root),
+        "embedder": emb.embedder_identity(embedder), "vocab_size": info.vocab_size,
+        "pad_id": info.pad_id, "eos_id": info.eos_id,
+        "chunk_size": chunk_size, "seq_len": seq_len, "max_chunks": max_chunks,
+        "max_seqs": max_seqs, "truncate": truncate,
+    }
+    cached = _cached(outputs, inputs, "chunks", force_reprocess)
+    if cached is not None:
+        return dict(cached["stats"])
+
+    for p in outputs:  # a file without a matching sidecar is never trusted
+        meta_path(p).unlink(missing_ok=True)
+    tok = emb.get_tokenizer(embedder)
+    C, pad = chunk_size, info.pad_id
+    num_chunks = num_docs = empty = 0
+    truncated = False
+    files_read = 0
+    pending: Optional[np.ndarray] = None  # last chunk row, waiting for the next chunk's first token
+
+    with contextlib.ExitStack() as stack:
+        tmp_chunks, tmp_seqs, tmp_docs = (stack.enter_context(atomic_path(p)) for p in outputs)
+        f_chunks = stack.enter_context(open(tmp_chunks, "wb"))
+        f_docs = stack.enter_context(open(tmp_docs, "wb"))
+        bar = stack.enter_context(tqdm(total=len(files), desc="chunking", unit="doc"))
+        for batch in _document_batches(files, docs_per_batch, 8 << 20):
+            ids_batch = tok([t for _, t in batch], add_special_tokens=False,
+                            return_attention_mask=False, return_token_type_ids=False,
+                            verbose=False)["input_ids"]
+            rows, row_docs = [], []
+            for (path, _), ids in zip(batch, ids_batch):
+                if not ids:
+                    files_read += 1
+                    empty += 1
+                    logger.warning("%s has no tokens (empty or whitespace only): skipped", path)
+                    continue
+                n_rows = math.ceil((len(ids) + 1) / C)
+                doc = np.full(n_rows * C, pad, dtype=np.int32)
+                doc[: len(ids)] = ids
+                doc[len(ids)] = info.eos_id
+                doc = doc.reshape(n_rows, C)
+                if num_chunks + sum(len(r) for r in rows) + n_rows > cap:
+                    if not truncate:
+                        raise ValueError(
+                            f"{path} takes the database past {cap} chunks (max_chunks={max_chunks}, "
+                            f"max_seqs={max_seqs} x {chunks_per_seq} chunks per sequence): raise "
+                            "max_chunks/max_seqs, pass fewer files, or pass truncate=True")
+                    doc = doc[: cap - num_chunks - sum(len(r) for r in rows)]
+                    truncated = True
+                if len(doc):
+                    files_read += 1
+                    rows.append(doc)
+                    row_docs.append(np.full(len(doc), num_docs, dtype=np.int32))
+                    num_docs += 1
+                if truncated:
+                    break
+            bar.update(len(batch))
+            if rows:
+                block = np.concatenate(rows)
+                if pending is not None:
+                    f_chunks.write(np.append(pending, block[0, 0]).astype(np.int32).tobytes())
+                nxt = np.append(block[1:, 0], pad).astype(np.int32)
+                out = np.concatenate([block, nxt[:, None]], axis=1)
+                f_chunks.write(out[:-1].tobytes())
+                pending = block[-1]
+                f_docs.write(np.concatenate(row_docs).tobytes())
+                num_chunks += len(block)
+            if truncated:
+                break
+        if pending is not None:
+            f_chunks.write(np.append(pending, pad).astype(np.int32).tobytes())
+        if num_chunks == 0:
+            raise ValueError(
+                f"none of the {len(files)} documents ({files[0]} ...) has any text: nothing to chunk")
+        starts = np.arange(0, num_chunks, chunks_per_seq, dtype=np.int32)
+        Path(tmp_seqs).write_bytes(starts.tobytes())
+        # leaving the block closes the files, then renames all three into place
+
+    stats = {"chunks": int(num_chunks), "docs": int(num_docs), "seqs": int(len(starts)),
+             "truncated": truncated, "files_not_read": len(files) - files_read,
+             "empty_docs": empty}
+    if truncated:
+        logger.warning(
+            "stopped at %d chunks (max_chunks=%d, max_seqs=%d): the last document was cut and %d "
+            "files were not read; raise the limits to include them", num_chunks, max_chunks,
+            max_seqs, stats["files_not_read"])
+    build = uuid.uuid4().hex
+    for p in outputs:
+        write_meta(p, {"inputs": inputs, "stats": stats, "build": build})
+    logger.info("chunked %d documents into %d chunks, %d sequences", num_docs, num_chunks,
+                stats["seqs"])
+    return stats
+
+
+# ----------------------------------------------------------------------------- embeddings, index
+
+
+def _embedding_settings(embedder: Optional[str], use_cls_repr: bool, dtype) -> dict[str, Any]:
+    return {"embedder": emb.embedder_identity(embedder), "embedder_name": emb.resolve_embedder(embedder),
+            "pooling": "cls" if use_cls_repr else "mean",
+            "dtype": str(emb.resolve_dtype(dtype)).replace("torch.", ""), "normalized": True}
+
+
+def _check_embedder_matches_chunks(chunk_memmap_path: PathLike, embedder: Optional[str]) -> None:
+    meta = read_meta(chunk_memmap_path)
+    made_with = (meta or {}).get("inputs", {}).get("embedder")
+    if made_with is not None and made_with != emb.embedder_identity(embedder):
+        raise ValueError(
+            f"{chunk_memmap_path} was tokenized with embedder {made_with!r} but embedder "
+            f"{emb.embedder_identity(embedder)!r} was asked to embed it: pass embedder= the one the "
+            f"chunks were made with (or set {emb.ENV_VAR}), or rebuild the chunks")
+
+
+def _embed_memmap(chunks: np.memmap, out_path: Path, *, embedder, device, use_cls_repr, dtype,
+                  batch_size: int, desc: str = "embedding") -> None:
+    num_chunks, width = chunks.shape
+    dim = emb.hidden_size(embedder)
+    with atomic_path(out_path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_chunks, dim))
+        for start in tqdm(range(0, num_chunks, batch_size), desc=desc, unit="batch"):
+            block = torch.from_numpy(np.asarray(chunks[start:start + batch_size, : width - 1]))
+            out[start:start + len(block)] = emb.embed_chunks(
+                block, embedder, device, return_cls_repr=use_cls_repr, dtype=dtype,
+                batch_size=batch_size, normalize=True).numpy()
+        out.flush()
+        del out
+
+
+def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_path: PathLike, *,
+                              use_cls_repr: bool = False, chunks_to_embeddings_batch_size: int = 128,
+                              embed_dim: Optional[int] = None, index_file: Optional[PathLike] = None,
+                              max_index_memory_usage: Union[str, int] = "100m",
+                              current_memory_available: Union[str, int] = "1G",
+                              embedder: Optional[str] = None, device: Union[str, torch.device] = "cpu",
+                              dtype=None, faiss_gpu: bool = False, force_reprocess: bool = False):
+    """Embed every chunk and index the embeddings.
+
+    Embeddings (float32, L2-normalised, (num_chunks, hidden)) are streamed to
+    ``<dir>/<stem>.emb.npy`` beside the chunks; the index is saved to ``index_file`` (default
+    ``<dir>/<stem>.index``). Exact ``IndexFlatIP`` when it fits ``max_index_memory_usage``,
+    else autofaiss under that budget and ``current_memory_available``.
+
+    Args:
+        embed_dim: if given, checked against the embedder's hidden size.
+        embedder, device, dtype, use_cls_repr: how chunks are embedded (recorded in the sidecars,
+            reused at query time by :class:`Retriever` and :func:`query_chunks_to_knn_`).
+        faiss_gpu: return the index copied to the GPUs (the saved index is the CPU one).
+
+    Returns:
+        (faiss index, embeddings: read-only float32 memmap (num_chunks, hidden)).
+    """
+    chunks = open_chunks(chunk_memmap_path, num_chunks, chunk_size)
+    _check_embedder_matches_chunks(chunk_memmap_path, embedder)
+    dim = emb.hidden_size(embedder)
+    if embed_dim is not None and embed_dim != dim:
+        raise ValueError(f"embed_dim={embed_dim} but embedder {emb.resolve_embedder(embedder)!r} "
+                         f"gives {dim}-dimensional embeddings: drop embed_dim or pass {dim}")
+    emb_path = embeddings_path_for(chunk_memmap_path)
+    index_path = Path(index_file) if index_file is not None else index_path_for(chunk_memmap_path)
+    settings = _embedding_settings(embedder, use_cls_repr, dtype)
+    emb_inputs = {"kind": "embeddings", "version": FORMAT_VERSION,
+                  "chunks": _fingerprint(chunk_memmap_path), "num_chunks": num_chunks,
+                  "chunk_size": chunk_size, **settings}
+    if _cached([emb_path], emb_inputs, "embeddings", force_reprocess) is None:
+        meta_path(emb_path).unlink(missing_ok=True)
+        _embed_memmap(chunks, emb_path, embedder=embedder, device=device, use_cls_repr=use_cls_repr,
+                      dtype=dtype, batch_size=chunks_to_embeddings_batch_size)
+        write_meta(emb_path, {"inputs": emb_inputs, "build": uuid.uuid4().hex})
+    embeddings = np.load(emb_path, mmap_mode="r")
+
+    exact = idx.flat_index_bytes(num_chunks, dim) <= idx.parse_memory(max_index_memory_usage)
+    index_inputs = {"kind": "index", "version": FORMAT_VERSION, "embeddings": _fingerprint(emb_path),
+                    "exact": exact, "chunk_memmap_path": str(Path(chunk_memmap_path).resolve()),
+                    "num_chunks": num_chunks, "chunk_size": chunk_size, **settings}
+    if not exact:
+        index_inputs.update(max_index_memory_usage=str(max_index_memory_usage),
+                            current_memory_available=str(current_memory_available))
+    if _cached([index_path], index_inputs, "faiss index", force_reprocess) is not None:
+        index = idx.read_index(index_path)
+    else:
+        meta_path(index_path).unlink(missing_ok=True)
+        index = idx.build_index(embeddings, emb_path, index_path,
+                                max_index_memory_usage=max_index_memory_usage,
+                                current_memory_available=current_memory_available, exact=exact)
+        write_meta(index_path, {"inputs": index_inputs, "build": uuid.uuid4().hex})
+    if faiss_gpu:
+        index = idx.to_gpu(index)
+    return index, embeddings
+
+
+# ----------------------------------------------------------------------------- neighbours
+
+
+def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size: int,
+                                 chunk_memmap_path: PathLike, doc_ids_memmap_path: PathLike, *,
+                                 num_extra_neighbors: int = 10, use_cls_repr: bool = False,
+                                 chunks_to_embeddings_batch_size: int = 128,
+                                 embed_dim: Optional[int] = None,
+                                 index_file: Optional[PathLike] = None,
+                                 max_index_memory_usage: Union[str, int] = "100m",
+                                 current_memory_available: Union[str, int] = "1G",
+                                 knn_batch_size: int = 4096, max_search_k: int = 4096,
+                                 embedder: Optional[str] = None,
+                                 device: Union[str, torch.device] = "cpu", dtype=None,
+                                 faiss_gpu: bool = False, force_reprocess: bool = False):
+    """Precompute each chunk's K nearest neighbours from OTHER documents.
+
+    Builds (or reuses) embeddings and index with :func:`chunks_to_index_and_embed`, then searches
+    in batches of ``knn_batch_size`` straight from the embeddings memmap. Each query fetches
+    ``K + num_extra_neighbors + 1`` candidates; the chunk itself (by id) and every chunk of its
+    document (by ``doc_ids``) are excluded and rank last. A row left with fewer than K is
+    searched again with twice the candidates, up to ``max_search_k``; slots still empty after
+    that (the corpus has too few other-document chunks) hold -1.
+
+    Writes ``<dir>/<stem>.knn<suffix>`` (``train.chunks.dat`` -> ``train.chunks.knn.dat``),
+    int32 (num_chunks, num_nearest_neighbors), nearest first.
+
+    Returns:
+        (knn_path, faiss index)
+    """
+    if num_nearest_neighbors <= 0:
+        raise ValueError(f"num_nearest_neighbors must be positive, got {num_nearest_neighbors}")
+    if num_extra_neighbors < 0:
+        raise ValueError(f"num_extra_neighbors must be >= 0, got {num_extra_neighbors}")
+    doc_ids = open_doc_ids(doc_ids_memmap_path, num_chunks)
+    index, embeddings = chunks_to_index_and_embed(
+        num_chunks, chunk_size, chunk_memmap_path, use_cls_repr=use_cls_repr,
+        chunks_to_embeddings_batch_size=chunks_to_embeddings_batch_size, embed_dim=embed_dim,
+        index_file=index_file, max_index_memory_usage=max_index_memory_usage,
+        current_memory_available=current_memory_available, embedder=embedder, device=device,
+        dtype=dtype, faiss_gpu=faiss_gpu, force_reprocess=force_reprocess)
+    index_path = Path(index_file) if index_file is not None else index_path_for(chunk_memmap_path)
+    knn_path = knn_path_for(chunk_memmap_path)
+    inputs = {"kind": "knn", "version": FORMAT_VERSION, "index": _fingerprint(index_path),
+              "doc_ids": _fingerprint(doc_ids_memmap_path), "num_chunks": num_chunks,
+              "num_nearest_neighbors": num_nearest_neighbors,
+              "num_extra_neighbors": num_extra_neighbors, "max_search_k": max_search_k}
+    if _cached([knn_path], inputs, "knn", force_reprocess) is not None:
+        return knn_path, index
+
+    meta_path(knn_path).unlink(missing_ok=True)
+    K = num_nearest_neighbors
+    incomplete = 0
+    with atomic_path(knn_path) as tmp:
+        knn = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(num_chunks, K))
+        for start in tqdm(range(0, num_chunks, knn_batch_size), desc="searching", unit="batch"):
+            stop = min(num_chunks, start + knn_batch_size)
+            ids, _ = idx.search_excluding(
+                index, embeddings[start:stop], K, num_extra=num_extra_neighbors,
+                self_ids=np.arange(start, stop), query_doc_ids=np.asarray(doc_ids[start:stop]),
+                doc_ids=doc_ids, max_k=max_search_k)
+            knn[start:stop] = ids
+            incomplete += int((ids < 0).any(axis=1).sum())
+        knn.flush()
+        del knn
+    if incomplete:
+        logger.warning("%d of %d chunks have fewer than %d neighbours from other documents "
+                       "(missing ones are -1)", incomplete, num_chunks, K)
+    write_meta(knn_path, {"inputs": inputs, "stats": {"incomplete_rows": incomplete},
+                          "build": uuid.uuid4().hex})
+    logger.info("wrote %d x %d neighbours to %s", num_chunks, K, knn_path)
+    return knn_path, index
+
+
+def _index_settings(index_path: Path) -> dict[str, Any]:
+    meta = read_meta(index_path)
+    if meta is None or "inputs" not in meta:
+        raise FileNotFoundError(
+            f"{index_path} has no provenance sidecar {meta_path(index_path)}: it was not built by "
+            "chunks_to_index_and_embed, so how to embed queries for it is unknown; rebuild it")
+    return meta["inputs"]
+
+
+def _query_embedder(settings: dict[str, Any], embedder: Optional[str], index_path: Path) -> str:
+    recorded = settings["embedder_name"]
+    if embedder is not None and emb.embedder_identity(embedder) != settings["embedder"]:
+        raise ValueError(f"{index_path} was built with embedder {settings['embedder']!r}, not "
+                         f"{emb.embedder_identity(embedder)!r}: queries must be embedded the same "
+                         "way; drop embedder= or rebuild the index")
+    if emb.embedder_identity(recorded) != settings["embedder"]:
+        raise ValueError(f"{index_path} was built with embedder {settings['embedder']!r} but "
+                         f"{recorded!r} now resolves to {emb.embedder_identity(recorded)!r}: rebuild")
+    return recorded
+
+
+def query_chunks_to_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size: int,
+                         chunk_memmap_path: PathLike, db_chunk_memmap_path: PathLike, *,
+                         db_index_file: Optional[PathLike] = None, knn_path: Optional[PathLike] = None,
+                         batch_size: int = 128, device: Union[str, torch.device] = "cpu",
+                         embedder: Optional[str] = None, faiss_gpu: bool = False,
+                         force_reprocess: bool = False) -> Path:
+    """Neighbours in an existing database for chunks of OTHER documents (e.g. a held-out split).
+
+    The query chunks (``chunk_memmap_path``, same layout as the database's) are embedded in
+    batches exactly as the database was (embedder, pooling and precision are read from the
+    index's sidecar) and searched; no exclusion is applied. Writes ``knn_path`` (default
+    ``<dir>/<stem>.knn<suffix>`` of the query chunks), int32 (num_chunks, K), ids into the
+    database chunks.
+
+    Returns:
+        knn_path
+    """
+    index_path = Path(db_index_file) if db_index_file else index_path_for(db_chunk_memmap_path)
+    settings = _index_settings(index_path)
+    if settings["chunk_size"] != chunk_size:
+        raise ValueError(f"database {index_path} has chunk_size {settings['chunk_size']}, queries "
+                         f"{chunk_size}: they must be equal")
+    name = _query_embedder(settings, embedder, index_path)
+    chunks = open_chunks(chunk_memmap_path, num_chunks, chunk_size)
+    knn_path = Path(knn_path) if knn_path is not None else knn_path_for(chunk_memmap_path)
+    inputs = {"kind": "query_knn", "version": FORMAT_VERSION, "queries": _fingerprint(chunk_memmap_path),
+              "index": _fingerprint(index_path), "num_chunks": num_chunks,
+              "num_nearest_neighbors": num_nearest_neighbors}
+    if _cached([knn_path], inputs, "query knn", force_reprocess) is not None:
+        return knn_path
+    meta_path(knn_path).unlink(missing_ok=True)
+    index = idx.read_index(index_path, faiss_gpu=faiss_gpu)
+    with atomic_path(knn_path) as tmp:
+        knn = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(num_chunks, num_nearest_neighbors))
+        for start in tqdm(range(0, num_chunks, batch_size), desc="query search", unit="batch"):
+            block = torch.from_numpy(np.asarray(chunks[start:start + batch_size, :chunk_size]))
+            q = emb.embed_chunks(block, name, device, return_cls_repr=settings["pooling"] == "cls",
+                                 dtype=settings["dtype"], normalize=True).numpy()
+            ids, _ = idx.search_excluding(index, q, num_nearest_neighbors, num_extra=0)
+            knn[start:start + len(block)] = ids
+        knn.flush()
+        del knn
+    write_meta(knn_path, {"inputs": inputs, "build": uuid.uuid4().hex})
+    return knn_path
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+class Retriever:
+    """Nearest-neighbour chunks for generation, built from the database files on disk alone.
+
+    Args:
+        chunk_memmap_path: the database chunks (``text_folder_to_chunks_`` output).
+        doc_ids_memmap_path: their document ids; needed for ``exclude_doc_ids`` and so that a
+            neighbour's continuation never crosses into the next document.
+        index_file: the faiss index (default ``<dir>/<stem>.index``); its sidecar tells how to
+            embed queries (embedder, pooling, precision) and the chunk count and size.
+        device: where the query embedder runs. faiss_gpu: search on GPU (opt-in).
+        num_extra_neighbors, max_search_k: candidate counts when documents are excluded (see
+            :func:`chunks_to_precalculated_knn_`).
+    """
+
+    def __init__(self, chunk_memmap_path: PathLike, doc_ids_memmap_path: Optional[PathLike] = None,
+                 index_file: Optional[PathLike] = None, *, embedder: Optional[str] = None,
+                 device: Union[str, torch.device] = "cpu", faiss_gpu: bool = False,
+                 num_extra_neighbors: int = 10, max_search_k: int = 4096):
+        self.index_path = Path(index_file) if index_file else index_path_for(chunk_memmap_path)
+        settings = _index_settings(self.index_path)
+        self.embedder = _query_embedder(settings, embedder, self.index_path)
+        self.chunk_size = int(settings["chunk_size"])
+        self.num_chunks = int(settings["num_chunks"])
+        self.return_cls_repr = settings["pooling"] == "cls"
+        self.dtype = settings["dtype"]
+        self.device = device
+        self.num_extra_neighbors = num_extra_neighbors
+        self.max_search_k = max_search_k
+        self.chunks = open_chunks(chunk_memmap_path, self.num_chunks, self.chunk_size)
+        self.doc_ids = (None if doc_ids_memmap_path is None
+                        else open_doc_ids(doc_ids_memmap_path, self.num_chunks))
+        info = emb.tokenizer_info(self.embedder)
+        self.pad_id, self.eos_id = info.pad_id, info.eos_id
+        self.index = idx.read_index(self.index_path, faiss_gpu=faiss_gpu)
+        if self.index.ntotal != self.num_chunks:
+            raise ValueError(f"{self.index_path} holds {self.index.ntotal} vectors but "
+                             f"{chunk_memmap_path} has {self.num_chunks} chunks: rebuild the index")
+
+    def search(self, chunk_tokens: torch.Tensor, k: int, exclude_doc_ids=None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """chunk_tokens int (..., C) -> neighbour ids int64 (..., k) (-1 = none), scores (..., k).
+
+        ``exclude_doc_ids``: None, one document id for all queries, or one entry per row of the
+        leading dimension (an int or a collection of ints) whose documents are skipped.
+        """
+        tokens = torch.as_tensor(chunk_tokens)
+        if tokens.shape[-1] != self.chunk_size:
+            raise ValueError(f"query chunks have {tokens.shape[-1]} tokens, the database "
+                             f"{self.chunk_size}")
+        lead = tokens.shape[:-1]
+        flat = tokens.reshape(-1, self.chunk_size)
+        excl = None
+        if exclude_doc_ids is not None:
+            if self.doc_ids is None:
+                raise ValueError("exclude_doc_ids needs the Retriever's doc_ids_memmap_path")
+            if isinstance(exclude_doc_ids, torch.Tensor):
+                exclude_doc_ids = exclude_doc_ids.tolist()
+            if np.isscalar(exclude_doc_ids):
+                excl = [[int(exclude_doc_ids)]] * flat.shape[0]
+            else:
+                if len(exclude_doc_ids) != lead[0]:
+                    raise ValueError(f"exclude_doc_ids has {len(exclude_doc_ids)} entries for a "
+                                     f"batch of {lead[0]}")
+                per = [d if not np.isscalar(d) else [d] for d in exclude_doc_ids]
+                reps = flat.shape[0] // lead[0]
+                excl = [per[i // reps] for i in range(flat.shape[0])]
+        q = emb.embed_chunks(flat, self.embedder, self.device, return_cls_repr=self.return_cls_repr,
+                             dtype=self.dtype, normalize=True).numpy()
+        ids, scores = idx.search_excluding(
+            self.index, q, k, num_extra=self.num_extra_neighbors if excl is not None else 0,
+            doc_ids=self.doc_ids, exclude_doc_ids=excl, max_k=self.max_search_k)
+        return (torch.from_numpy(ids).reshape(*lead, k),
+                torch.from_numpy(scores).reshape(*lead, k))
+
+    def retrieve(self, chunk_tokens: torch.Tensor, k: int, exclude_doc_ids=None) -> torch.Tensor:
+        """chunk_tokens int (..., C) -> LongTensor (..., k, 2C): each neighbour chunk plus its
+        continuation (next chunk of the same document, else pad), as the training data has them."""
+        ids, _ = self.search(chunk_tokens, k, exclude_doc_ids)
+        tokens = neighbour_tokens(self.chunks, ids.numpy(), doc_ids=self.doc_ids,
+                                  eos_id=self.eos_id, pad_id=self.pad_id)
+        return torch.from_numpy(tokens)
