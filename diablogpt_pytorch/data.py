@@ -68,6 +68,9 @@ class DIABLOGPTDataset(Dataset):
             always the continuation.
         eos_id: see ``doc_ids_memmap_path``.
         pad_id: token for everything missing (rows past the end, -1 neighbours, continuations).
+        db_chunk_memmap_path, db_num_chunks, db_doc_ids_memmap_path: the database the knn ids
+            point into, when it is not these chunks (a held-out split whose neighbours were
+            searched in the training database). Default: the chunks (and doc_ids) above.
 
     Item ``i``: ``(seq, retrieved)`` with seq int64 (seq_len + 1,) and retrieved int64
     (seq_len // C, K, 2C).
@@ -89,6 +92,9 @@ class DIABLOGPTDataset(Dataset):
         doc_ids_memmap_path: Optional[os.PathLike | str] = None,
         eos_id: Optional[int] = None,
         pad_id: int = 0,
+        db_chunk_memmap_path: Optional[os.PathLike | str] = None,
+        db_num_chunks: Optional[int] = None,
+        db_doc_ids_memmap_path: Optional[os.PathLike | str] = None,
     ):
         super().__init__()
         if chunk_size <= 0 or seq_len <= 0 or seq_len % chunk_size:
@@ -115,6 +121,15 @@ class DIABLOGPTDataset(Dataset):
         }
         if doc_ids_memmap_path is not None:
             self.paths["doc_ids"] = Path(doc_ids_memmap_path)
+        if (db_chunk_memmap_path is None) != (db_num_chunks is None):
+            raise ValueError("pass db_chunk_memmap_path and db_num_chunks together")
+        self.db_num_chunks = int(db_num_chunks) if db_num_chunks is not None else self.num_chunks
+        if db_chunk_memmap_path is not None:
+            self.paths["db_chunks"] = Path(db_chunk_memmap_path)
+            if db_doc_ids_memmap_path is not None:
+                self.paths["db_doc_ids"] = Path(db_doc_ids_memmap_path)
+        elif db_doc_ids_memmap_path is not None:
+            raise ValueError("db_doc_ids_memmap_path needs db_chunk_memmap_path")
         self._maps: Optional[dict[str, np.memmap]] = None
 
         # validate every file now (sizes, and that sequence starts are chunk ids), so a mismatch
@@ -135,6 +150,8 @@ class DIABLOGPTDataset(Dataset):
             "knn": (self.num_chunks, self.num_neighbors),
             "seqs": (self.num_sequences,),
             "doc_ids": (self.num_chunks,),
+            "db_chunks": (self.db_num_chunks, self.chunk_size + 1),
+            "db_doc_ids": (self.db_num_chunks,),
         }
 
     def _open(self) -> dict[str, np.memmap]:
@@ -169,10 +186,14 @@ class DIABLOGPTDataset(Dataset):
 
         knn_ids = np.full((m, self.num_neighbors), -1, dtype=np.int64)
         knn_ids[:present] = maps["knn"][start:stop]
+        if "db_chunks" in maps:
+            db_chunks, db_doc_ids = maps["db_chunks"], maps.get("db_doc_ids")
+        else:
+            db_chunks, db_doc_ids = maps["chunks"], maps.get("doc_ids")
         retrieved = neighbour_tokens(
-            maps["chunks"],
+            db_chunks,
             knn_ids,
-            doc_ids=maps.get("doc_ids"),
+            doc_ids=db_doc_ids,
             eos_id=self.eos_id,
             pad_id=self.pad_id,
         )

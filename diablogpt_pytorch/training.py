@@ -64,12 +64,6 @@ def held_out_path(path: Union[str, os.PathLike], tag: str = "valid") -> Path:
     return path.with_name(f"{path.stem}.{tag}{path.suffix}")
 
 
-def knn_path_for(chunks_memmap_path: Union[str, os.PathLike]) -> Path:
-    """Where the knn memmap of a chunks memmap lives: ``<dir>/<stem>.knn<suffix>``."""
-    path = Path(chunks_memmap_path)
-    return path.with_name(f"{path.stem}.knn{path.suffix}")
-
-
 class TrainingWrapper:
     """Builds (or reuses) the retrieval database for a folder of text and serves DIABLOGPT training.
 
@@ -94,7 +88,7 @@ class TrainingWrapper:
         embed_device: where the embedder runs while building (default: ``device``).
         bf16: bfloat16 autocast in ``autocast()``, ``evaluate`` and ``generate``.
         embed_batch_size: chunks per embedder forward pass; index_batch_size: queries per faiss
-            search.
+            search; embed_dtype: embedder precision ('float32' default, or 'bfloat16').
     """
 
     def __init__(
@@ -118,8 +112,9 @@ class TrainingWrapper:
         device: Optional[Union[str, torch.device]] = None,
         embed_device: Optional[Union[str, torch.device]] = None,
         bf16: bool = False,
-        embed_batch_size: int = 64,
+        embed_batch_size: int = 128,
         index_batch_size: int = 4096,
+        embed_dtype: Optional[str] = None,
     ):
         from diablogpt_pytorch import embedder as emb
 
@@ -140,6 +135,7 @@ class TrainingWrapper:
         self.bf16 = bool(bf16)
         self.embed_batch_size = int(embed_batch_size)
         self.index_batch_size = int(index_batch_size)
+        self.embed_dtype = embed_dtype
 
         self.tokenizer = emb.tokenizer_info(self.embedder)
         self._check_model()
@@ -205,7 +201,7 @@ class TrainingWrapper:
 
     def _check_files(self, paths: dict[str, Path]) -> None:
         """The built chunk file must record this wrapper's chunk size, sequence length, tokenizer."""
-        meta = read_meta(paths["chunks"]) or {}
+        meta = (read_meta(paths["chunks"]) or {}).get("inputs", {})
         expected = {"chunk_size": self.chunk_size, "seq_len": self.seq_len}
         for key, value in expected.items():
             if key in meta and meta[key] != value:
@@ -222,11 +218,9 @@ class TrainingWrapper:
         what = "training" if train else "held-out"
         logger.info("%s split: %d documents", what, len(documents))
         stats = retrieval.text_folder_to_chunks_(
-            folder=str(self.documents_path),
-            glob=self.glob,
-            chunks_memmap_path=str(paths["chunks"]),
-            seqs_memmap_path=str(paths["seqs"]),
-            doc_ids_memmap_path=str(paths["doc_ids"]),
+            chunks_memmap_path=paths["chunks"],
+            seqs_memmap_path=paths["seqs"],
+            doc_ids_memmap_path=paths["doc_ids"],
             chunk_size=self.chunk_size,
             seq_len=self.seq_len,
             max_chunks=self.max_chunks if train else 2**31 - 1,
@@ -237,34 +231,36 @@ class TrainingWrapper:
         self._check_files(paths)
         num_chunks = stats["chunks"]
         if train:
-            retrieval.chunks_to_precalculated_knn_(
+            knn_path, _ = retrieval.chunks_to_precalculated_knn_(
+                num_nearest_neighbors=self.knn,
                 num_chunks=num_chunks,
                 chunk_size=self.chunk_size,
-                chunk_memmap_path=str(paths["chunks"]),
-                doc_ids_memmap_path=str(paths["doc_ids"]),
-                num_nearest_neighbors=self.knn,
+                chunk_memmap_path=paths["chunks"],
+                doc_ids_memmap_path=paths["doc_ids"],
                 num_extra_neighbors=self.knn_extra_neighbors,
+                chunks_to_embeddings_batch_size=self.embed_batch_size,
                 max_index_memory_usage=self.max_index_memory_usage,
                 current_memory_available=self.current_memory_available,
+                knn_batch_size=self.index_batch_size,
                 embedder=self.embedder,
-                device=str(self.embed_device),
-                batch_size=self.embed_batch_size,
+                device=self.embed_device,
+                dtype=self.embed_dtype,
             )
         else:
-            if stats["docs"] != len(documents):
+            if stats["docs"] + stats.get("empty_docs", 0) != len(documents) or stats.get("truncated"):
                 raise ValueError(
-                    f"the held-out split has {len(documents)} documents but {stats['docs']} were "
-                    "chunked; bits per byte would be wrong"
+                    f"the held-out split has {len(documents)} documents but only {stats['docs']} "
+                    "were chunked whole; its bits per byte would be wrong"
                 )
-            retrieval.query_chunks_to_knn_(
+            knn_path = retrieval.query_chunks_to_knn_(
+                num_nearest_neighbors=self.knn,
                 num_chunks=num_chunks,
                 chunk_size=self.chunk_size,
-                chunk_memmap_path=str(paths["chunks"]),
-                index_chunk_memmap_path=str(self.paths["chunks"]),
-                num_nearest_neighbors=self.knn,
-                embedder=self.embedder,
-                device=str(self.embed_device),
+                chunk_memmap_path=paths["chunks"],
+                db_chunk_memmap_path=self.paths["chunks"],
                 batch_size=self.embed_batch_size,
+                device=self.embed_device,
+                embedder=self.embedder,
             )
         dataset = DIABLOGPTDataset(
             num_sequences=stats["seqs"],
@@ -273,11 +269,15 @@ class TrainingWrapper:
             chunk_size=self.chunk_size,
             seq_len=self.seq_len,
             chunk_memmap_path=paths["chunks"],
-            chunk_nn_memmap_path=knn_path_for(paths["chunks"]),
+            chunk_nn_memmap_path=knn_path,
             seq_memmap_path=paths["seqs"],
             doc_ids_memmap_path=paths["doc_ids"],
             eos_id=self.tokenizer.eos_id,
             pad_id=self.tokenizer.pad_id,
+            # held-out neighbours are ids into the training database
+            db_chunk_memmap_path=None if train else self.paths["chunks"],
+            db_num_chunks=None if train else self.train_stats["chunks"],
+            db_doc_ids_memmap_path=None if train else self.paths["doc_ids"],
         )
         logger.info("%s split: %s", what, stats)
         return dataset, stats
@@ -378,12 +378,8 @@ class TrainingWrapper:
             from diablogpt_pytorch.retrieval import Retriever
 
             self._retriever = Retriever(
-                chunks_memmap_path=str(self.paths["chunks"]),
-                doc_ids_memmap_path=str(self.paths["doc_ids"]),
-                num_chunks=self.train_stats["chunks"],
-                chunk_size=self.chunk_size,
-                embedder=self.embedder,
-                device=str(self.embed_device),
+                self.paths["chunks"], self.paths["doc_ids"], embedder=self.embedder,
+                device=self.embed_device,
             )
         return self._retriever
 
