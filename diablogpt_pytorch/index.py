@@ -93,30 +93,40 @@ def _autofaiss_index(embeddings_path, index_path: Path, num: int, dim: int,
     work = index_path.with_name(f".{index_path.name}.autofaiss")
     shutil.rmtree(work, ignore_errors=True)
     (work / "emb").mkdir(parents=True)
+    infeasible = (
+        f"autofaiss could not build an index of {num} x {dim} vectors under "
+        f"max_index_memory_usage={max_index_memory_usage!r} and current_memory_available="
+        f"{current_memory_available!r}. Fix: raise max_index_memory_usage (an exact index needs "
+        f"{math.ceil(flat_index_bytes(num, dim) / 2**20)}m) or current_memory_available")
     try:
         (work / "emb" / "0.npy").symlink_to(Path(embeddings_path).resolve())
         with tqdm(total=1, desc="indexing (autofaiss)", unit="index") as bar:
-            index, _ = autofaiss_build_index(
-                embeddings=str(work / "emb"),
-                index_path=str(work / "knn.index"),
-                index_infos_path=str(work / "infos.json"),
-                max_index_memory_usage=str(max_index_memory_usage),
-                current_memory_available=str(current_memory_available),
-                metric_type="ip",
-                save_on_disk=False,
-                verbose=logging.WARNING,
-            )
+            try:
+                index, _ = autofaiss_build_index(
+                    embeddings=str(work / "emb"),
+                    index_path=str(work / "knn.index"),
+                    index_infos_path=str(work / "infos.json"),
+                    max_index_memory_usage=str(max_index_memory_usage),
+                    current_memory_available=str(current_memory_available),
+                    metric_type="ip",
+                    save_on_disk=False,
+                    verbose=logging.WARNING,
+                )
+            except Exception as err:  # autofaiss fails in several ways on infeasible budgets
+                raise RuntimeError(f"{infeasible} ({type(err).__name__}: {err})") from err
             bar.update(1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if index is None:
-        raise RuntimeError(
-            f"autofaiss could not build an index of {num} x {dim} vectors under "
-            f"max_index_memory_usage={max_index_memory_usage!r} and current_memory_available="
-            f"{current_memory_available!r} (it returns None when the budget is infeasible). Fix: "
-            f"raise max_index_memory_usage (an exact index needs "
-            f"{math.ceil(flat_index_bytes(num, dim) / 2**20)}m) or current_memory_available"
-        )
+    if index is None:  # autofaiss's documented answer to an infeasible budget
+        raise RuntimeError(infeasible)
+    import faiss
+
+    size = len(faiss.serialize_index(index))
+    if size > parse_memory(max_index_memory_usage):
+        logger.warning(
+            "autofaiss built a %s index of %.2f MB, above max_index_memory_usage=%s (autofaiss "
+            "does not compress small databases: under 10,000 vectors it builds flat or HNSW "
+            "indices)", type(index).__name__, size / 2**20, max_index_memory_usage)
     return index
 
 
