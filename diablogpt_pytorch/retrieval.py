@@ -407,7 +407,7 @@ def _embed_memmap(chunks: np.memmap, out_path: Path, *, embedder, device, use_cl
     with atomic_path(out_path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_chunks, dim))
         for start in tqdm(range(0, num_chunks, batch_size), desc=desc, unit="batch"):
-            block = torch.from_numpy(np.asarray(chunks[start:start + batch_size, : width - 1]))
+            block = torch.from_numpy(np.array(chunks[start:start + batch_size, : width - 1]))
             out[start:start + len(block)] = emb.embed_chunks(
                 block, embedder, device, return_cls_repr=use_cls_repr, dtype=dtype,
                 batch_size=batch_size, normalize=True).numpy()
@@ -607,7 +607,7 @@ def query_chunks_to_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size
     with atomic_path(knn_path) as tmp:
         knn = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(num_chunks, num_nearest_neighbors))
         for start in tqdm(range(0, num_chunks, batch_size), desc="query search", unit="batch"):
-            block = torch.from_numpy(np.asarray(chunks[start:start + batch_size, :chunk_size]))
+            block = torch.from_numpy(np.array(chunks[start:start + batch_size, :chunk_size]))
             q = emb.embed_chunks(block, name, device, return_cls_repr=settings["pooling"] == "cls",
                                  dtype=settings["dtype"], normalize=True).numpy()
             ids, _ = idx.search_excluding(index, q, num_nearest_neighbors, num_extra=0)
