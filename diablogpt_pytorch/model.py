@@ -127,7 +127,7 @@ class SelfAttention(nn.Module):
             end = start + n
             cache_k[:, :, start:end] = k
             cache_v[:, :, start:end] = v
-            k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+            k, v = cache_k[:, :, :end].to(q.dtype), cache_v[:, :, :end].to(q.dtype)
             if start > 0:
                 is_causal = False
                 if n > 1:  # queries at start..end-1 see keys 0..their own position
@@ -440,7 +440,8 @@ class DIABLOGPT(nn.Module):
         logits = self._run(seq, retrieved, cache=None)
         if not return_loss:
             return logits
-        return F.cross_entropy(rearrange(logits, "b n v -> b v n").float(), labels, ignore_index=self.pad_id)
+        # (b n, v) rows: no transposed copy of the logits; autocast computes this in float32
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=self.pad_id)
 
     @torch.no_grad()
     def init_cache(self, batch_size: int, retrieval: bool = True, device=None,

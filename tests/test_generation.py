@@ -1,0 +1,189 @@
+"""Generation (DESIGN.md §4 items 9-10): cached decoding is exact, retrieval happens when a chunk
+completes, lengths, per-row EOS, filters. Model-level tests use a deterministic table retriever
+(neighbours are a fixed function of the chunk's tokens); the end-to-end test uses the real
+faiss-backed Retriever on a small real-text database."""
+
+import math
+
+import pytest
+import torch
+
+from diablogpt_pytorch.generation import generate, sample_next, top_k, top_p
+from diablogpt_pytorch.model import DIABLOGPT
+
+C, K, V = 8, 2, 61
+
+
+def tiny(max_seq_len=48, **overrides) -> DIABLOGPT:
+    torch.manual_seed(0)
+    config = dict(num_tokens=V, max_seq_len=max_seq_len, enc_dim=32, enc_depth=2, dec_dim=48,
+                  dec_depth=3, dec_cross_attn_layers=(2, 3), heads=2, dim_head=16, chunk_size=C)
+    config.update(overrides)
+    return DIABLOGPT(**config).eval()
+
+
+class TableRetriever:
+    """Neighbours as a deterministic function of the chunk's tokens; records every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def retrieve(self, chunks, k, exclude_doc_ids=None):
+        self.calls.append(chunks.clone())
+        out = []
+        for row in chunks.reshape(-1, chunks.shape[-1]):
+            g = torch.Generator().manual_seed(int(sum((i + 1) * int(t) for i, t in enumerate(row))))
+            neighbours = torch.randint(1, V, (k, 2 * chunks.shape[-1]), generator=g)
+            neighbours[1, -3:] = 0  # some padding, as at document ends
+            out.append(neighbours)
+        return torch.stack(out).reshape(*chunks.shape[:-1], k, 2 * chunks.shape[-1])
+
+
+def neighbours_for(retriever, seq):
+    """(b, n // C, K, 2C) neighbours of every complete chunk of seq (b, n)."""
+    b, n = seq.shape
+    chunks = seq[:, : (n // C) * C].reshape(b, n // C, C)
+    return retriever.retrieve(chunks, K)
+
+
+def test_cached_logits_equal_full_forward_at_every_step():
+    model = tiny()
+    retriever = TableRetriever()
+    seq = torch.randint(1, V, (2, 47))
+    retrieved = neighbours_for(retriever, seq)
+    full = model(seq, retrieved)
+    cache = model.init_cache(2)
+    steps = []
+    for p in range(seq.shape[1]):
+        completes = (p + 1) % C == 0
+        steps.append(model.decode(seq[:, p:p + 1], cache, retrieved[:, p // C:p // C + 1] if completes else None))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_of_any_length_then_steps_equal_full_forward():
+    model = tiny()
+    retriever = TableRetriever()
+    seq = torch.randint(1, V, (1, 40))
+    retrieved = neighbours_for(retriever, seq)
+    full = model(seq, retrieved)
+    for split in (1, C - 1, C, 13, 2 * C + 5):
+        cache = model.init_cache(1)
+        first = model.decode(seq[:, :split], cache, retrieved[:, : split // C])
+        rest = model.decode(seq[:, split:], cache, retrieved[:, split // C: 40 // C])
+        torch.testing.assert_close(torch.cat((first, rest), dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_refuses_missing_or_extra_neighbours():
+    model = tiny()
+    cache = model.init_cache(1)
+    with pytest.raises(ValueError, match="needed"):
+        model.decode(torch.randint(1, V, (1, C)), cache, None)
+    cache = model.init_cache(1)
+    with pytest.raises(ValueError, match="no chunk completes"):
+        model.decode(torch.randint(1, V, (1, 3)), cache, torch.zeros(1, 1, K, 2 * C, dtype=torch.long))
+
+
+def naive_greedy(model, retriever, prompt, steps):
+    """The reference's algorithm: a full forward over the whole sequence for every new token."""
+    seq = prompt
+    for _ in range(steps):
+        retrieved = neighbours_for(retriever, seq) if seq.shape[1] >= C else None
+        logits = model(seq, retrieved)[:, -1]
+        seq = torch.cat((seq, logits.argmax(-1, keepdim=True)), dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, C, 2 * C + 3])
+def test_greedy_output_is_identical_to_the_naive_full_recompute_loop(prompt_len):
+    model = tiny(max_seq_len=32)
+    prompt = torch.randint(1, V, (2, prompt_len))
+    out = generate(model, TableRetriever(), prompt, temperature=0.0, num_neighbors=K)
+    expected = naive_greedy(model, TableRetriever(), prompt, model.max_seq_len - prompt_len)
+    assert torch.equal(out, expected)
+
+
+def test_retrieval_happens_exactly_when_a_chunk_completes():
+    model = tiny(max_seq_len=45)
+    retriever = TableRetriever()
+    seen = []
+    prompt = torch.randint(1, V, (1, 11))
+    out = generate(model, retriever, prompt, temperature=0.0, num_neighbors=K,
+                   on_retrieve=lambda u, chunk, nb: seen.append((u, chunk.clone())))
+    assert out.shape[1] == 45
+    # positions 0..43 are fed to the model (the last sampled token is not): chunks 0..4 complete
+    assert [u for u, _ in seen] == [0, 1, 2, 3, 4]
+    for u, chunk in seen:
+        assert torch.equal(chunk, out[:, u * C:(u + 1) * C])
+    # the prompt's one complete chunk is retrieved in one batch, then one call per chunk
+    assert [c.shape for c in retriever.calls] == [(1, 1, C)] + [(1, 1, C)] * 4
+
+
+def test_without_retrieval_matches_the_model_without_neighbours():
+    model = tiny()
+    prompt = torch.randint(1, V, (1, 3))
+    out = generate(model, None, prompt, temperature=0.0, use_retrieval=False, max_new_tokens=20)
+    seq = prompt
+    for _ in range(20):
+        seq = torch.cat((seq, model(seq)[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_lengths_never_exceed_max_seq_len_and_respect_max_new_tokens():
+    model = tiny(max_seq_len=32)
+    prompt = torch.randint(1, V, (3, 6))
+    assert generate(model, TableRetriever(), prompt, num_neighbors=K).shape == (3, 32)
+    assert generate(model, TableRetriever(), prompt, num_neighbors=K, max_new_tokens=5).shape == (3, 11)
+    unconditional = generate(model, TableRetriever(), None, eos_id=1, batch_size=2, num_neighbors=K)
+    assert unconditional.shape[0] == 2 and 2 <= unconditional.shape[1] <= 32
+    assert (unconditional[:, 0] == 1).all()  # starts from the document separator
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, TableRetriever(), torch.randint(1, V, (1, 32)))
+
+
+def test_each_row_stops_at_its_own_eos_and_is_padded_after_it():
+    model = tiny()
+    prompt = torch.randint(1, V, (2, 4), generator=torch.Generator().manual_seed(3))
+    free = generate(model, TableRetriever(), prompt, temperature=0.0, num_neighbors=K)
+    new0, new1 = free[0, 4:].tolist(), free[1, 4:].tolist()
+    # an eos token that row 0 emits before row 1 does (or row 1 never does)
+    candidates = [t for t in new0 if t not in new1[: new0.index(t) + 1]]
+    if not candidates:
+        pytest.skip("random model emitted no suitable token")
+    eos = candidates[0]
+    stop0 = 4 + new0.index(eos)
+    out = generate(model, TableRetriever(), prompt, temperature=0.0, num_neighbors=K, eos_id=eos)
+    assert out[0, stop0] == eos and (out[0, stop0 + 1:] == model.pad_id).all()
+    assert torch.equal(out[0, :stop0 + 1], free[0, :stop0 + 1])
+    row1_stop = new1.index(eos) + 4 if eos in new1 else None
+    limit = out.shape[1] if row1_stop is None else row1_stop + 1
+    assert torch.equal(out[1, :limit], free[1, :limit])  # row 1 continues unaffected
+    if row1_stop is None:
+        assert out.shape[1] == model.max_seq_len
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_threshold():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = lambda thres: torch.isfinite(top_p(logits, thres))[0].tolist()
+    assert kept(0.9) == [True, True, True, False]
+    assert kept(0.8) == [True, True, False, False]
+    assert kept(0.5) == [True, False, False, False]
+    assert kept(0.01) == [True, False, False, False]
+    shuffled = logits[:, [2, 0, 3, 1]]
+    assert torch.isfinite(top_p(shuffled, 0.9))[0].tolist() == [True, True, False, True]
+
+
+def test_top_k_keeps_the_top_fraction():
+    logits = torch.arange(20.0)[None]
+    assert torch.isfinite(top_k(logits, 0.9)).sum() == 2  # ceil(0.1 * 20)
+    assert torch.isfinite(top_k(logits, 0.0)).sum() == 20
+    assert torch.isfinite(top_k(logits, k=3))[0, -3:].all()
+
+
+def test_sampling_respects_the_filter_and_greedy_at_temperature_zero():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]]).repeat(500, 1)
+    g = torch.Generator().manual_seed(0)
+    samples = sample_next(logits, 1.0, top_p, 0.9, generator=g)
+    assert set(samples.tolist()) <= {1, 2} and len(set(samples.tolist())) == 2
+    assert (sample_next(logits, 0.0) == 1).all()
+    samples = sample_next(logits, 1.0, top_k, 0.75, generator=g)  # k = 1
+    assert (samples == 1).all()
