@@ -384,10 +384,10 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
 # ----------------------------------------------------------------------------- embeddings, index
 
 
-def _embedding_settings(embedder: Optional[str], use_cls_repr: bool, dtype) -> dict[str, Any]:
+def _embedding_settings(embedder: Optional[str], use_cls_repr: bool, dtype, device) -> dict[str, Any]:
     return {"embedder": emb.embedder_identity(embedder), "embedder_name": emb.resolve_embedder(embedder),
             "pooling": "cls" if use_cls_repr else "mean",
-            "dtype": str(emb.resolve_dtype(dtype)).replace("torch.", ""), "normalized": True}
+            "dtype": str(emb.resolve_dtype(dtype, device)).replace("torch.", ""), "normalized": True}
 
 
 def _check_embedder_matches_chunks(chunk_memmap_path: PathLike, embedder: Optional[str]) -> None:
@@ -416,7 +416,7 @@ def _embed_memmap(chunks: np.memmap, out_path: Path, *, embedder, device, use_cl
 
 
 def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_path: PathLike, *,
-                              use_cls_repr: bool = False, chunks_to_embeddings_batch_size: int = 128,
+                              use_cls_repr: bool = False, chunks_to_embeddings_batch_size: int = 256,
                               embed_dim: Optional[int] = None, index_file: Optional[PathLike] = None,
                               max_index_memory_usage: Union[str, int] = "100m",
                               current_memory_available: Union[str, int] = "1G",
@@ -446,14 +446,14 @@ def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_pat
                          f"gives {dim}-dimensional embeddings: drop embed_dim or pass {dim}")
     emb_path = embeddings_path_for(chunk_memmap_path)
     index_path = Path(index_file) if index_file is not None else index_path_for(chunk_memmap_path)
-    settings = _embedding_settings(embedder, use_cls_repr, dtype)
+    settings = _embedding_settings(embedder, use_cls_repr, dtype, device)
     emb_inputs = {"kind": "embeddings", "version": FORMAT_VERSION,
                   "chunks": _fingerprint(chunk_memmap_path), "num_chunks": num_chunks,
                   "chunk_size": chunk_size, **settings}
     if _cached([emb_path], emb_inputs, "embeddings", force_reprocess) is None:
         meta_path(emb_path).unlink(missing_ok=True)
         _embed_memmap(chunks, emb_path, embedder=embedder, device=device, use_cls_repr=use_cls_repr,
-                      dtype=dtype, batch_size=chunks_to_embeddings_batch_size)
+                      dtype=settings["dtype"], batch_size=chunks_to_embeddings_batch_size)
         write_meta(emb_path, {"inputs": emb_inputs, "build": uuid.uuid4().hex})
     embeddings = np.load(emb_path, mmap_mode="r")
 
@@ -483,7 +483,7 @@ def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_pat
 def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size: int,
                                  chunk_memmap_path: PathLike, doc_ids_memmap_path: PathLike, *,
                                  num_extra_neighbors: int = 10, use_cls_repr: bool = False,
-                                 chunks_to_embeddings_batch_size: int = 128,
+                                 chunks_to_embeddings_batch_size: int = 256,
                                  embed_dim: Optional[int] = None,
                                  index_file: Optional[PathLike] = None,
                                  max_index_memory_usage: Union[str, int] = "100m",

@@ -17,6 +17,7 @@ import torch
 from diablogpt_pytorch import embedder as emb
 from diablogpt_pytorch import index as idx
 from diablogpt_pytorch import retrieval
+from diablogpt_pytorch._io import read_meta
 from diablogpt_pytorch.neighbours import neighbour_tokens
 
 C = 32
@@ -280,6 +281,15 @@ def test_caches_are_reused_and_rebuilt_when_chunks_change(database, tmp_path, ca
     knn_()
     assert "rebuilding embeddings" in caplog.text and "changed: chunks" in caplog.text
     assert "rebuilding faiss index" in caplog.text and "rebuilding knn" in caplog.text
+
+    recorded = read_meta(out / "db.chunks.emb.npy")["inputs"]["dtype"]
+    assert recorded == str(emb.resolve_dtype(None)).replace("torch.", "")  # "auto", resolved
+    other = "float32" if recorded == "bfloat16" else "bfloat16"
+    caplog.clear()
+    retrieval.chunks_to_index_and_embed(
+        retrieval.open_chunks(out / "db.chunks.dat", chunk(docs, out)["chunks"], C).shape[0], C,
+        out / "db.chunks.dat", dtype=other)
+    assert "rebuilding embeddings" in caplog.text and "dtype" in caplog.text
 
     monkeypatch.setenv("REPROCESS", "1")
     caplog.clear()
