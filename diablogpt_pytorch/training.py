@@ -23,7 +23,7 @@ import math
 import os
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader
@@ -387,21 +387,52 @@ class TrainingWrapper:
         self,
         start: Optional[torch.Tensor] = None,
         retrieved: Optional[torch.Tensor] = None,
-        filter_fn: Optional[Callable] = None,
-        filter_thres: float = 0.9,
-        temperature: float = 1.0,
-        max_new_tokens: Optional[int] = None,
         **kwargs,
     ) -> torch.Tensor:
-        """Sample from the model with retrieval at chunk boundaries (see
-        ``diablogpt_pytorch.generation.generate``)."""
+        """Sample from the model with retrieval from the training database at chunk boundaries.
+
+        Delegates to ``diablogpt_pytorch.generation.generate(model, retriever, start, retrieved,
+        **kwargs)`` (filter_fn, filter_thres, temperature, max_new_tokens, ...; see there), with
+        this wrapper's retriever, eos/pad ids, ``num_neighbors=knn`` and, when built with
+        ``bf16=True``, bfloat16 autocast as defaults. Returns LongTensor (b, L <= max_seq_len):
+        the prompt followed by the sampled tokens.
+        """
         from diablogpt_pytorch.generation import generate as _generate
 
-        return _generate(
-            self.model, self.retriever, start=start, retrieved=retrieved, filter_fn=filter_fn,
-            filter_thres=filter_thres, temperature=temperature, max_new_tokens=max_new_tokens,
-            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, **kwargs,
-        )
+        kwargs.setdefault("eos_id", self.tokenizer.eos_id)
+        kwargs.setdefault("pad_id", self.tokenizer.pad_id)
+        kwargs.setdefault("num_neighbors", self.knn)
+        if self.bf16:
+            kwargs.setdefault("autocast_dtype", torch.bfloat16)
+        return _generate(self.model, self.retriever, start=start, retrieved=retrieved, **kwargs)
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Endless shuffled batches whose order is a function of the step alone, for exact resume.
+
+    Epoch e is ``torch.randperm(num_items)`` under seed ``seed + e``, cut into ``batch_size``
+    batches (the last, smaller batch of an epoch is dropped unless it is the only one). Iterating
+    from ``start_step`` yields the batches of steps ``start_step, start_step + 1, ...``, so a run
+    resumed at step s sees exactly the batches the uninterrupted run saw. Use as
+    ``wrapper.get_dataloader(batch_sampler=StepBatchSampler(len(wrapper.train_ds), b, seed, s))``.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, start_step: int = 0):
+        if num_items <= 0 or batch_size <= 0:
+            raise ValueError(f"need num_items > 0 and batch_size > 0; got {num_items}, {batch_size}")
+        self.num_items, self.batch_size = int(num_items), int(batch_size)
+        self.seed, self.start_step = int(seed), int(start_step)
+        self.batches_per_epoch = max(1, self.num_items // self.batch_size)
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            epoch, position = divmod(step, self.batches_per_epoch)
+            order = torch.randperm(self.num_items,
+                                   generator=torch.Generator().manual_seed(self.seed + epoch))
+            for pos in range(position, self.batches_per_epoch):
+                yield order[pos * self.batch_size:(pos + 1) * self.batch_size].tolist()
+                step += 1
 
 
 def get_optimizer(
