@@ -270,6 +270,19 @@ def main_process_first(what: str = "preparation") -> Iterator[bool]:
     _status_barrier(False, f"{what} (all ranks done)")
 
 
+@contextlib.contextmanager
+def all_ranks(what: str) -> Iterator[None]:
+    """Every rank runs the block; they meet at its end, and if any rank's block raised, every
+    rank raises (the failing rank its own error, the others :class:`DistributedError`)."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(DistributedError):
+            _status_barrier(True, what)
+        raise
+    _status_barrier(False, what)
+
+
 # ----------------------------------------------------------------------------- collectives
 
 

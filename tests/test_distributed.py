@@ -39,7 +39,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, out: Path, world_size: int = WORLD, **env_extra) -> list:
+def launch(scenario: str, out: Path, world_size: int = WORLD, script: str = __file__,
+           **env_extra) -> list:
+    """Start ``script scenario out`` as ranks 0..world_size-1, as torchrun would."""
     port = free_port()
     procs = []
     for rank in range(world_size):
@@ -47,7 +49,7 @@ def launch(scenario: str, out: Path, world_size: int = WORLD, **env_extra) -> li
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false", **{k: str(v) for k, v in env_extra.items()})
-        procs.append(subprocess.Popen([sys.executable, __file__, scenario, str(out)], env=env,
+        procs.append(subprocess.Popen([sys.executable, script, scenario, str(out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 

@@ -1,0 +1,110 @@
+"""The retrieval database built by 2 ranks (gloo, CPU) equals the single-process build.
+
+A small real-text corpus (Python's pydoc topics) is chunked once; the single-process
+``chunks_to_precalculated_knn_`` and the 2-rank ``sharded_chunks_to_precalculated_knn_`` then run
+on copies of the same chunk files with the real offline embedder. Batch sizes are small so that
+both ranks hold several batches. This file is also the per-rank script (``__main__`` below).
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diablogpt_pytorch import retrieval
+from diablogpt_pytorch._io import read_meta
+
+C, K = 32, 2
+EMBED_BATCH, KNN_BATCH = 8, 8
+FILES = ("db.chunks.dat", "db.doc_ids.dat", "db.seq.dat")
+
+
+def build_args(out: Path, num_chunks: int) -> dict:
+    return dict(num_nearest_neighbors=K, num_chunks=num_chunks, chunk_size=C,
+                chunk_memmap_path=out / "db.chunks.dat", doc_ids_memmap_path=out / "db.doc_ids.dat",
+                num_extra_neighbors=1, chunks_to_embeddings_batch_size=EMBED_BATCH,
+                knn_batch_size=KNN_BATCH)
+
+
+@pytest.fixture
+def one_thread():
+    """The ranks run 1 thread each; so does the reference: bf16 matmuls (the embedder's default
+    precision where the CPU has native bf16) round differently with other thread counts."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_rank_sharded_build_equals_single_process_build(tmp_path, one_thread):
+    from pydoc_data.topics import topics
+
+    from test_distributed import assert_ok, finish, launch
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, name in enumerate(sorted(topics)[:8]):
+        (docs / f"{i:02d}.txt").write_text(topics[name][:800])
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    stats = retrieval.text_folder_to_chunks_(
+        docs, "*.txt", single / FILES[0], single / FILES[2], single / FILES[1], chunk_size=C,
+        seq_len=4 * C)
+    n = stats["chunks"]
+    assert n > 4 * EMBED_BATCH  # both ranks get several batches
+    sharded.mkdir()
+    for name in FILES:
+        shutil.copy2(single / name, sharded / name)
+        shutil.copy2(single / f"{name}.meta.json", sharded / f"{name}.meta.json")
+
+    knn_path, _ = retrieval.chunks_to_precalculated_knn_(**build_args(single, n))
+    (sharded / "n.json").write_text(json.dumps(n))
+    assert_ok(finish(launch("sharded_build", sharded, script=__file__), timeout=240))
+
+    # the same bytes: embeddings (shards in rank order) and neighbours
+    shards = sorted((sharded / "db.chunks.emb.shards").glob("emb-*-of-00002.npy"))
+    assert len(shards) == 2
+    ranges = [read_meta(p)["inputs"] for p in shards]
+    assert (ranges[0]["start"], ranges[0]["stop"], ranges[1]["stop"]) == (0, ranges[1]["start"], n)
+    assert ranges[1]["start"] % EMBED_BATCH == 0 and 0 < ranges[1]["start"] < n
+    together = np.concatenate([np.load(p) for p in shards])
+    np.testing.assert_array_equal(together, np.load(single / "db.chunks.emb.npy"))
+    got = (sharded / "db.chunks.knn.dat").read_bytes()
+    assert got == knn_path.read_bytes()
+    knn = np.frombuffer(got, dtype=np.int32).reshape(n, K)
+    doc_ids = np.fromfile(single / "db.doc_ids.dat", dtype=np.int32)
+    assert (knn >= 0).all() and (doc_ids[knn] != doc_ids[:, None]).all()
+    # no part files left; the knn sidecar records the build
+    assert not (sharded / "db.chunks.knn.parts").exists()
+    assert read_meta(sharded / "db.chunks.knn.dat")["stats"]["world_size"] == 2
+
+    # the sharded index serves generation-time retrieval like the single-process one
+    queries = torch.from_numpy(np.fromfile(single / "db.chunks.dat", dtype=np.int32)
+                               .reshape(n, C + 1)[:6, :C].copy())
+    expect = retrieval.Retriever(single / FILES[0], single / FILES[1]).search(queries, K)[0]
+    found = retrieval.Retriever(sharded / FILES[0], sharded / FILES[1]).search(queries, K)[0]
+    assert torch.equal(found, expect)
+
+    # a second call on 1 process with the same files reuses nothing of another layout silently:
+    # the shards of 2 ranks are replaced by one shard and the knn file comes out the same
+    from diablogpt_pytorch.sharded import sharded_chunks_to_precalculated_knn_
+
+    path, _ = sharded_chunks_to_precalculated_knn_(**build_args(sharded, n))
+    assert path.read_bytes() == knn_path.read_bytes()
+    assert [p.name for p in sorted((sharded / "db.chunks.emb.shards").glob("*.npy"))] == [
+        "emb-00000-of-00001.npy"]
+
+
+if __name__ == "__main__":
+    from diablogpt_pytorch import distributed as D
+    from diablogpt_pytorch.sharded import sharded_chunks_to_precalculated_knn_
+
+    out = Path(sys.argv[2])
+    torch.set_num_threads(1)
+    D.init_distributed(device="cpu")
+    n = json.loads((out / "n.json").read_text())
+    sharded_chunks_to_precalculated_knn_(**build_args(out, n))
+    D.cleanup()
