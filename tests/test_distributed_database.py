@@ -98,6 +98,31 @@ def test_two_rank_sharded_build_equals_single_process_build(tmp_path, one_thread
         "emb-00000-of-00001.npy"]
 
 
+def test_autofaiss_index_reads_the_shard_folder_in_rank_order(tmp_path):
+    """The approximate path: autofaiss builds from the folder of shards; ids follow rank order,
+    and shards of another number of ranks are removed from the folder first."""
+    import faiss
+
+    from diablogpt_pytorch.sharded import _build_index_from_shards, _remove_other_layouts
+
+    folder = tmp_path / "db.chunks.emb.shards"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((600, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    shards = [folder / "emb-00000-of-00002.npy", folder / "emb-00001-of-00002.npy"]
+    np.save(shards[0], vectors[:350])
+    np.save(shards[1], vectors[350:])
+    np.save(folder / "emb-00000-of-00003.npy", vectors[:10])  # stale: another layout
+    _remove_other_layouts(folder, 2, "emb", ".npy")
+    assert sorted(p.name for p in folder.iterdir()) == [p.name for p in shards]
+    _build_index_from_shards(shards, folder, tmp_path / "db.index", 600, 16, False, "10k", "1G")
+    index = faiss.read_index(str(tmp_path / "db.index"))
+    assert index.ntotal == 600
+    _, ids = index.search(vectors[[0, 349, 350, 599]], 1)
+    assert ids[:, 0].tolist() == [0, 349, 350, 599]
+
+
 if __name__ == "__main__":
     from diablogpt_pytorch import distributed as D
     from diablogpt_pytorch.sharded import sharded_chunks_to_precalculated_knn_
