@@ -126,3 +126,17 @@ def test_optimizer_groups_are_deterministic_and_skip_decay_on_norms_biases_null_
     # the same model built twice gives the same groups
     again = get_optimizer(DIABLOGPT(**TINY), lr=1e-3, wd=0.05)
     assert [g["names"] for g in again.param_groups] == [decay["names"], plain["names"]]
+
+
+def test_step_batch_sampler_resumes_at_the_same_batch():
+    from itertools import islice
+
+    from diablogpt_pytorch.training import StepBatchSampler
+
+    full = list(islice(iter(StepBatchSampler(10, 3, seed=1)), 8))  # 3 batches per epoch
+    assert all(len(b) == 3 for b in full)
+    assert sorted(sum(full[:3], [])) == sorted(set(sum(full[:3], [])))  # no repeats in an epoch
+    assert full[:3] != full[3:6]  # epochs are reshuffled
+    for start in (1, 3, 5):
+        assert list(islice(iter(StepBatchSampler(10, 3, seed=1, start_step=start)), 8 - start)) \
+            == full[start:]

@@ -178,3 +178,17 @@ def test_checkpoint_through_the_wrapper_needs_no_documents(built, tmp_path):
     model.train()
     payload = wrapper.load_checkpoint(path, optim)
     assert payload["step"] == 5 and payload["extra"]["database"]["knn"] == K
+
+
+def test_generate_delegates_with_the_training_database(built):
+    root, model, wrapper = built
+    wrapper.model = model
+    prompt, _ = wrapper.valid_ds[0]
+    prompt = prompt[None, : 2 * C]
+    seen = []
+    sampled = wrapper.generate(prompt, temperature=0.0, max_new_tokens=C,
+                               on_retrieve=lambda i, chunk, nbrs: seen.append(nbrs))
+    assert sampled.shape[0] == 1 and 2 * C < sampled.shape[1] <= 3 * C
+    assert torch.equal(sampled[:, : 2 * C], prompt)
+    assert seen and all(n.shape[-2:] == (K, 2 * C) for n in seen)
+    assert model.training  # generation leaves the mode as it found it
