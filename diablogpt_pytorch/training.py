@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -29,7 +28,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from diablogpt_pytorch import checkpoint as ckpt
-from diablogpt_pytorch._io import read_meta
 from diablogpt_pytorch.data import DIABLOGPTDataset
 from diablogpt_pytorch.evaluation import autocast_context, evaluate
 
@@ -75,7 +73,8 @@ class TrainingWrapper:
         chunk_size: C, tokens per chunk.
         documents_path: folder of text documents; glob: which files in it (e.g. ``'**/*.txt'``).
         chunks_memmap_path, seqs_memmap_path, doc_ids_memmap_path: where the training memmaps go.
-        max_chunks, max_seqs: caps on the training database (an error when exceeded).
+        max_chunks, max_seqs: caps on the training database (it stops there, with a warning
+            naming how many files were left out).
         knn_extra_neighbors: extra candidates fetched per chunk so that same-document ones can be
             dropped.
         max_index_memory_usage, current_memory_available: faiss index budget (autofaiss style).
@@ -88,7 +87,8 @@ class TrainingWrapper:
         embed_device: where the embedder runs while building (default: ``device``).
         bf16: bfloat16 autocast in ``autocast()``, ``evaluate`` and ``generate``.
         embed_batch_size: chunks per embedder forward pass; index_batch_size: queries per faiss
-            search; embed_dtype: embedder precision ('float32' default, or 'bfloat16').
+            search; embed_dtype: embedder precision ('float32' or 'bfloat16'; default: the
+            retrieval module's default).
     """
 
     def __init__(
@@ -199,17 +199,6 @@ class TrainingWrapper:
             )
         return paths
 
-    def _check_files(self, paths: dict[str, Path]) -> None:
-        """The built chunk file must record this wrapper's chunk size, sequence length, tokenizer."""
-        meta = (read_meta(paths["chunks"]) or {}).get("inputs", {})
-        expected = {"chunk_size": self.chunk_size, "seq_len": self.seq_len}
-        for key, value in expected.items():
-            if key in meta and meta[key] != value:
-                raise ValueError(
-                    f"{str(paths['chunks'])!r} was built with {key}={meta[key]} but the model and "
-                    f"wrapper use {key}={value}: rebuild it (REPROCESS=1) or use other paths"
-                )
-
     # -- building ------------------------------------------------------------------------------
 
     def _build(self, documents: list[Path], paths: dict[str, Path], train: bool):
@@ -228,7 +217,6 @@ class TrainingWrapper:
             paths=documents,
             embedder=self.embedder,
         )
-        self._check_files(paths)
         num_chunks = stats["chunks"]
         if train:
             knn_path, _ = retrieval.chunks_to_precalculated_knn_(
