@@ -197,7 +197,8 @@ def main() -> None:
         idx.build_index(embeddings, retrieval.embeddings_path_for(chunks_path), tmp / "scratch.index",
                         max_index_memory_usage="4G")
         index_seconds = time.perf_counter() - start
-        results["database_embedding"] = {"dtype": str(emb.resolve_dtype(args.db_dtype)), "chunks": n,
+        results["database_embedding"] = {"dtype": str(emb.resolve_dtype(args.db_dtype)).replace("torch.", ""),
+                                         "chunks": n,
                                          "seconds": seconds - index_seconds,
                                          "chunks_per_s": n / (seconds - index_seconds)}
         results["indexing"] = {"kind": "IndexFlatIP", "seconds": index_seconds}
