@@ -75,14 +75,14 @@ def index_path_for(chunk_memmap_path: PathLike) -> Path:
 
 
 def _fingerprint(path: PathLike) -> dict[str, Any]:
-    """Identity of an input file: size, mtime and a digest of its own provenance sidecar."""
+    """Identity of an input file: size, mtime and a digest of its own provenance sidecar (which
+    holds a unique build id). Not its path, so a database directory can be moved as a whole."""
     path = Path(path)
     st = path.stat()
     meta = read_meta(path)
     digest = None if meta is None else hashlib.sha256(
         json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "meta": digest}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "meta": digest}
 
 
 def _normalised(obj: Any) -> Any:
@@ -459,8 +459,7 @@ def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_pat
 
     exact = idx.flat_index_bytes(num_chunks, dim) <= idx.parse_memory(max_index_memory_usage)
     index_inputs = {"kind": "index", "version": FORMAT_VERSION, "embeddings": _fingerprint(emb_path),
-                    "exact": exact, "chunk_memmap_path": str(Path(chunk_memmap_path).resolve()),
-                    "num_chunks": num_chunks, "chunk_size": chunk_size, **settings}
+                    "exact": exact, "num_chunks": num_chunks, "chunk_size": chunk_size, **settings}
     if not exact:
         index_inputs.update(max_index_memory_usage=str(max_index_memory_usage),
                             current_memory_available=str(current_memory_available))

@@ -263,7 +263,7 @@ def test_caches_are_reused_and_rebuilt_when_chunks_change(database, tmp_path, ca
     docs = write(tmp_path / "docs", real_documents(3))
     out = tmp_path / "out"
 
-    def knn_():
+    def knn_(out=out):
         n = retrieval.open_chunks(out / "db.chunks.dat", chunk(docs, out)["chunks"], C).shape[0]
         return retrieval.chunks_to_precalculated_knn_(
             K, n, C, out / "db.chunks.dat", out / "db.doc_ids.dat", num_extra_neighbors=1)
@@ -281,6 +281,13 @@ def test_caches_are_reused_and_rebuilt_when_chunks_change(database, tmp_path, ca
     knn_()
     assert "rebuilding embeddings" in caplog.text and "changed: chunks" in caplog.text
     assert "rebuilding faiss index" in caplog.text and "rebuilding knn" in caplog.text
+
+    moved = tmp_path / "moved"
+    out.rename(moved)  # a database directory can move as a whole
+    caplog.clear()
+    knn_(moved)
+    assert "rebuilding" not in caplog.text and "reusing knn" in caplog.text
+    moved.rename(out)
 
     recorded = read_meta(out / "db.chunks.emb.npy")["inputs"]["dtype"]
     assert recorded == str(emb.resolve_dtype(None)).replace("torch.", "")  # "auto", resolved
