@@ -158,9 +158,10 @@ def tokenize(texts: Union[str, Sequence[str]], add_special_tokens: bool = True,
     if isinstance(texts, str):
         texts = [texts]
     tok = emb.get_tokenizer(embedder)
+    # split_special_tokens: a literal "[PAD]" or "[SEP]" in the text is text, not a special id
     return tok(list(texts), add_special_tokens=add_special_tokens, padding=True,
                return_attention_mask=False, return_token_type_ids=False,
-               return_tensors="pt", verbose=False)["input_ids"]
+               return_tensors="pt", verbose=False, split_special_tokens=True)["input_ids"]
 
 
 def bert_embed(token_ids: torch.Tensor, return_cls_repr: bool = False, pad_id: Optional[int] = None, embedder: Optional[str] = None,
@@ -252,7 +253,8 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
                            ) -> dict[str, Any]:
     """Tokenize one document per file and write the chunk, sequence and document-id memmaps.
 
-    Each document becomes ``tokenizer(text, add_special_tokens=False) + [eos]`` (eos = [SEP]),
+    Each document becomes ``tokenizer(text, add_special_tokens=False) + [eos]`` (eos = [SEP];
+    special-token strings written in the text, like a literal "[SEP]", are tokenized as text),
     right-padded with the pad id to a multiple of ``chunk_size``; chunks never cross documents.
     Documents are packed: sequence i starts at chunk ``i * (seq_len // chunk_size)``, so short
     documents share sequences instead of becoming mostly padding.
@@ -313,9 +315,11 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
         f_docs = stack.enter_context(open(tmp_docs, "wb"))
         bar = stack.enter_context(tqdm(total=len(files), desc="chunking", unit="doc"))
         for batch in _document_batches(files, docs_per_batch, 8 << 20):
+            # split_special_tokens: literal "[SEP]"/"[PAD]" in a document must not become the
+            # eos or pad id (that would end the document or hide tokens from the loss)
             ids_batch = tok([t for _, t in batch], add_special_tokens=False,
                             return_attention_mask=False, return_token_type_ids=False,
-                            verbose=False)["input_ids"]
+                            verbose=False, split_special_tokens=True)["input_ids"]
             rows, row_docs = [], []
             for (path, _), ids in zip(batch, ids_batch):
                 if not ids:

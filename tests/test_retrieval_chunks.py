@@ -207,3 +207,14 @@ def test_bad_settings_and_mismatched_files_are_refused(tmp_path, docs):
         retrieval.open_chunks(out / "train.chunks.dat", stats["chunks"], C * 2)
     with pytest.raises(FileNotFoundError):
         retrieval.open_doc_ids(out / "nope.dat", 3)
+
+
+def test_special_token_strings_in_text_stay_text(tmp_path):
+    info = emb.tokenizer_info()
+    write_docs(tmp_path / "docs", {"a.txt": "BERT inputs look like [CLS] a b [SEP] [PAD] [PAD]"})
+    stats, chunks, *_ = build(tmp_path)
+    ids = np.asarray(chunks[:, :C]).reshape(-1)
+    specials = {info.pad_id, info.cls_id, info.sep_id}
+    real = ids[: np.flatnonzero(ids == info.eos_id)[-1]]
+    assert not specials & set(real.tolist()), "only the final eos and the padding are special"
+    assert not (retrieval.tokenize(["[PAD] [SEP]"])[0, 1:-1] < 1000).any()
