@@ -47,7 +47,7 @@ from diablogpt_pytorch.neighbours import neighbour_tokens
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: special-token strings in documents are tokenized as text
 
 
 # ----------------------------------------------------------------------------- file names
