@@ -293,12 +293,20 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
         "num_files": len(files), "files_digest": _files_digest(files, root),
         "embedder": emb.embedder_identity(embedder), "vocab_size": info.vocab_size,
         "pad_id": info.pad_id, "eos_id": info.eos_id,
-        "chunk_size": chunk_size, "seq_len": seq_len, "max_chunks": max_chunks,
-        "max_seqs": max_seqs, "truncate": truncate,
+        "chunk_size": chunk_size, "seq_len": seq_len,
     }
+    # the limits matter only where they cut the database: a build that was not truncated stays
+    # valid under any cap it fits; a truncated one only under the same cap
+    limits = {"max_chunks": max_chunks, "max_seqs": max_seqs, "truncate": truncate, "cap": cap}
     cached = _cached(outputs, inputs, "chunks", force_reprocess)
     if cached is not None:
-        return dict(cached["stats"])
+        old_stats, old_cap = cached["stats"], cached.get("limits", {}).get("cap")
+        if (not old_stats["truncated"] and old_stats["chunks"] <= cap) or (
+                old_stats["truncated"] and old_cap == cap and truncate):
+            return dict(old_stats)
+        logger.info("rebuilding chunks: max_chunks/max_seqs changed from a cap of %s chunks "
+                    "(%s) to %d", old_cap, "truncated" if old_stats["truncated"] else
+                    f"{old_stats['chunks']} chunks, not truncated", cap)
 
     for p in outputs:  # a file without a matching sidecar is never trusted
         meta_path(p).unlink(missing_ok=True)
@@ -379,7 +387,7 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
             max_seqs, stats["files_not_read"])
     build = uuid.uuid4().hex
     for p in outputs:
-        write_meta(p, {"inputs": inputs, "stats": stats, "build": build})
+        write_meta(p, {"inputs": inputs, "limits": limits, "stats": stats, "build": build})
     logger.info("chunked %d documents into %d chunks, %d sequences", num_docs, num_chunks,
                 stats["seqs"])
     return stats

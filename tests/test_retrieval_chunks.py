@@ -185,7 +185,10 @@ def test_empty_documents_are_skipped_with_a_warning(tmp_path, caplog):
 
 def test_limits_truncate_with_a_warning_or_raise(tmp_path, docs, caplog):
     full, *_ = build(tmp_path)
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO, logger="diablogpt_pytorch.retrieval")
+    caplog.clear()
+    assert build(tmp_path, max_chunks=full["chunks"])[0] == full  # a cap it fits: still valid
+    assert "reusing chunks" in caplog.text
     stats, chunks, doc_ids, seqs, _ = build(tmp_path, max_chunks=5)
     assert stats["chunks"] == 5 and stats["truncated"]
     assert "stopped at 5 chunks" in caplog.text
@@ -193,6 +196,9 @@ def test_limits_truncate_with_a_warning_or_raise(tmp_path, docs, caplog):
     stats, *_ = build(tmp_path, max_seqs=1)  # one sequence of 4 chunks
     assert stats["chunks"] == SEQ_LEN // C and stats["seqs"] == 1 and stats["truncated"]
     assert full["chunks"] > SEQ_LEN // C
+    caplog.clear()
+    assert build(tmp_path)[0] == full  # a truncated build is rebuilt when the cap is raised
+    assert "rebuilding chunks: max_chunks/max_seqs changed" in caplog.text
     with pytest.raises(ValueError, match=r"max_chunks=5.*raise"):
         build(tmp_path, max_chunks=5, truncate=False)
 
