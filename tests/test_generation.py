@@ -5,6 +5,7 @@ faiss-backed Retriever on a small real-text database."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,3 +188,72 @@ def test_sampling_respects_the_filter_and_greedy_at_temperature_zero():
     assert (sample_next(logits, 0.0) == 1).all()
     samples = sample_next(logits, 1.0, top_k, 0.75, generator=g)  # k = 1
     assert (samples == 1).all()
+
+
+# -- end to end with the real faiss Retriever ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_database(tmp_path_factory):
+    """A real database over eight pydoc topics, built with the offline embedder."""
+    import numpy as np
+    import pydoc_data.topics
+
+    from diablogpt_pytorch.retrieval import chunks_to_precalculated_knn_, text_folder_to_chunks_
+
+    root = tmp_path_factory.mktemp("db")
+    docs = root / "docs"
+    docs.mkdir()
+    for name in sorted(pydoc_data.topics.topics)[:8]:
+        (docs / f"{name}.txt").write_text(pydoc_data.topics.topics[name][:1500])
+    paths = {name: root / f"train.{name}.dat" for name in ("chunks", "seq", "doc_ids")}
+    stats = text_folder_to_chunks_(docs, "*.txt", paths["chunks"], paths["seq"], paths["doc_ids"],
+                                   chunk_size=C, seq_len=48)
+    knn_path, _ = chunks_to_precalculated_knn_(K, stats["chunks"], C, paths["chunks"], paths["doc_ids"])
+    chunks = np.memmap(paths["chunks"], dtype=np.int32, mode="r", shape=(stats["chunks"], C + 1))
+    doc_ids = np.memmap(paths["doc_ids"], dtype=np.int32, mode="r", shape=(stats["chunks"],))
+    knn = np.memmap(knn_path, dtype=np.int32, mode="r", shape=(stats["chunks"], K))
+    return paths, chunks, doc_ids, knn
+
+
+def test_generation_retrieves_exactly_as_training_neighbours_were_made(small_database):
+    """Prompting with a database document's chunks (its own document excluded) retrieves, for each
+    completed chunk, the same neighbour tokens the training data holds for that chunk."""
+    from diablogpt_pytorch.neighbours import neighbour_tokens
+    from diablogpt_pytorch.retrieval import Retriever
+
+    paths, chunks, doc_ids, knn = small_database
+    retriever = Retriever(paths["chunks"], paths["doc_ids"])
+    doc = int(doc_ids[0])
+    length = int((np.asarray(doc_ids) == doc).sum())
+    prompt = torch.from_numpy(np.asarray(chunks[: min(length, 3), :C], dtype=np.int64).reshape(1, -1))
+    seen = {}
+    model = tiny(num_tokens=30522, max_seq_len=prompt.shape[1] + 1)
+    generate(model, retriever, prompt, temperature=0.0, num_neighbors=K, exclude_doc_ids=[doc],
+             on_retrieve=lambda u, chunk, nb: seen.__setitem__(u, nb[0]))
+    assert sorted(seen) == list(range(prompt.shape[1] // C))
+    for u, neighbours in seen.items():
+        expected = neighbour_tokens(chunks, np.asarray(knn[u])[None], doc_ids=doc_ids, pad_id=0)[0]
+        assert torch.equal(neighbours, torch.from_numpy(expected))
+
+
+def test_generation_needs_only_a_checkpoint_the_index_and_the_chunks(small_database, tmp_path):
+    from diablogpt_pytorch.checkpoint import load_model, save_checkpoint
+    from diablogpt_pytorch.generation import ids_to_text
+    from diablogpt_pytorch.retrieval import Retriever
+
+    paths, *_ = small_database
+    model = tiny(num_tokens=30522)
+    save_checkpoint(tmp_path / "model.pt", model)
+    loaded = load_model(tmp_path / "model.pt")
+    retriever = Retriever(paths["chunks"], paths["doc_ids"])  # files on disk only
+    from diablogpt_pytorch.embedder import get_tokenizer
+
+    ids = get_tokenizer()("the list is a mutable sequence of items", add_special_tokens=False).input_ids
+    prompt = torch.tensor([ids])
+    assert prompt.shape[1] >= C  # at least one complete chunk in the prompt
+    a = generate(model, retriever, prompt, temperature=0.0, num_neighbors=K)
+    b = generate(loaded, retriever, prompt, temperature=0.0, num_neighbors=K)
+    assert torch.equal(a, b) and a.shape[1] == model.max_seq_len
+    text = ids_to_text(a[0])
+    assert text.startswith("the list is a mutable sequence of items")
