@@ -275,3 +275,59 @@ def _build_index_from_shards(shard_paths: list[Path], shard_dir: Path, index_pat
                            f"{num_chunks}: a shard is missing or stale; rebuild (REPROCESS=1)")
     with atomic_path(index_path) as tmp:
         faiss.write_index(index, str(tmp))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``torchrun --nproc_per_node N -m diablogpt_pytorch.sharded --docs FOLDER --out DIR``:
+    rank 0 chunks the documents, then all ranks build embeddings, index and neighbours."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m diablogpt_pytorch.sharded",
+        description="Build the retrieval database with every torchrun rank (see module docs).")
+    parser.add_argument("--docs", required=True, help="folder of text documents")
+    parser.add_argument("--glob", default="**/*.txt")
+    parser.add_argument("--out", required=True, help="folder for <stem>.chunks.dat and the rest")
+    parser.add_argument("--stem", default="train")
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--max-chunks", type=int, default=1_000_000)
+    parser.add_argument("--max-seqs", type=int, default=100_000)
+    parser.add_argument("--knn", type=int, default=2)
+    parser.add_argument("--extra-neighbors", type=int, default=10)
+    parser.add_argument("--embed-batch-size", type=int, default=256)
+    parser.add_argument("--knn-batch-size", type=int, default=4096)
+    parser.add_argument("--max-index-memory-usage", default="100m")
+    parser.add_argument("--current-memory-available", default="1G")
+    parser.add_argument("--embedder", default=None)
+    parser.add_argument("--device", default=None, help="embedder device (default: this rank's)")
+    args = parser.parse_args(argv)
+
+    info = D.init_distributed()
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                        format=f"%(levelname)s [rank {info.rank}] %(name)s: %(message)s")
+    out = Path(args.out)
+    paths = {k: out / f"{args.stem}.{k}.dat" for k in ("chunks", "seq", "doc_ids")}
+    stats = None
+    with D.main_process_first("chunking the documents") as is_main:
+        if is_main:
+            stats = R.text_folder_to_chunks_(
+                args.docs, args.glob, paths["chunks"], paths["seq"], paths["doc_ids"],
+                chunk_size=args.chunk_size, seq_len=args.seq_len, max_chunks=args.max_chunks,
+                max_seqs=args.max_seqs, embedder=args.embedder)
+    stats = D.broadcast_object(stats, what="sharing the chunk counts")
+    knn_path, index_path = sharded_chunks_to_precalculated_knn_(
+        args.knn, stats["chunks"], args.chunk_size, paths["chunks"], paths["doc_ids"],
+        num_extra_neighbors=args.extra_neighbors,
+        chunks_to_embeddings_batch_size=args.embed_batch_size, knn_batch_size=args.knn_batch_size,
+        max_index_memory_usage=args.max_index_memory_usage,
+        current_memory_available=args.current_memory_available, embedder=args.embedder,
+        device=args.device or info.device)
+    if info.is_main:
+        print(f"{stats['chunks']} chunks from {stats['docs']} documents on {info.world_size} "
+              f"rank(s): index {index_path}, neighbours {knn_path}")
+    D.cleanup()
+
+
+if __name__ == "__main__":
+    main()
