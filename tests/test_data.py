@@ -181,3 +181,19 @@ def test_seed_mock_example_shapes(tmp_path):
     seq, retrieved = next(iter(DataLoader(train_ds, batch_size=2)))
     assert seq.shape == (2, 2049)
     assert retrieved.shape == (2, 32, 2, 128)
+
+
+def test_dataset_example_runs(tmp_path):
+    """examples/dataset.py: the seed's mock-data example with a small model on CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    result = subprocess.run([sys.executable, str(root / "examples" / "dataset.py"),
+                             "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "seq (2, 257), retrieved (2, 4, 2, 128), loss" in result.stdout
