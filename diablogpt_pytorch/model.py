@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["DIABLOGPT", "DecodeCache", "deepnet_constants"]
 
@@ -392,6 +393,7 @@ class DIABLOGPT(nn.Module):
             self.layers.append(nn.ModuleList([attn, cca, ff]))
         self.final_norm = nn.Identity() if use_deepnet else RMSNorm(dec_dim, gated=gated_rmsnorm)
         self.to_logits = nn.Linear(dec_dim, num_tokens, bias=False)
+        self.loss_chunk = 512  # positions per slice of the loss (see forward)
         self._init_weights()
 
     # -- init ----------------------------------------------------------------------------------
@@ -435,13 +437,27 @@ class DIABLOGPT(nn.Module):
         ``retrieved`` (b, >= n // C, K, 2C) enables chunked cross-attention; None runs the same
         weights without retrieval (CCA layers are skipped).
         """
-        if return_loss:
-            seq, labels = seq[:, :-1], seq[:, 1:]
-        logits = self._run(seq, retrieved, cache=None)
         if not return_loss:
-            return logits
-        # (b n, v) rows: no transposed copy of the logits; autocast computes this in float32
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=self.pad_id)
+            return self.to_logits(self._run(seq, retrieved, cache=None))
+        seq, labels = seq[:, :-1], seq[:, 1:]
+        hidden = self._run(seq, retrieved, cache=None)
+        # The loss is taken over slices of positions whose logits are recomputed in the backward
+        # pass, so the (b, n, num_tokens) logits (and their float32 log-softmax and gradient)
+        # never exist all at once; cross-entropy runs in float32 under autocast.
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for begin in range(0, hidden.shape[1], self.loss_chunk):
+            h, y = hidden[:, begin:begin + self.loss_chunk], labels[:, begin:begin + self.loss_chunk]
+            if torch.is_grad_enabled() and h.requires_grad:
+                total = total + checkpoint(self._nll_sum, h, y, use_reentrant=False)
+            else:
+                total = total + self._nll_sum(h, y)
+        return total / (labels != self.pad_id).sum().clamp(min=1)
+
+    def _nll_sum(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """Summed cross-entropy of labels (b, t) given final hidden states (b, t, dec_dim)."""
+        logits = self.to_logits(hidden)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=self.pad_id, reduction="sum")
 
     @torch.no_grad()
     def init_cache(self, batch_size: int, retrieval: bool = True, device=None,
@@ -465,11 +481,12 @@ class DIABLOGPT(nn.Module):
         those of a full forward over the whole prefix with the same neighbours.
         """
         with torch.no_grad():
-            return self._run(tokens, retrieved, cache)
+            return self.to_logits(self._run(tokens, retrieved, cache))
 
     # -- the shared path -----------------------------------------------------------------------
 
     def _run(self, tokens: Tensor, retrieved: Optional[Tensor], cache: Optional[DecodeCache]) -> Tensor:
+        """Final hidden states (b, n, dec_dim) of ``tokens`` (b, n), with or without a cache."""
         b, n = tokens.shape
         C = self.chunk_size
         start = cache.length if cache is not None else 0
@@ -506,7 +523,7 @@ class DIABLOGPT(nn.Module):
             x = ff.post(x, ff.fn(ff.pre(x)))
         if cache is not None:
             cache.length = end
-        return self.to_logits(self.final_norm(x))
+        return self.final_norm(x)
 
     def _check_retrieved(self, retrieved: Optional[Tensor], b: int, chunks: int, exact: bool) -> Tensor:
         C = self.chunk_size

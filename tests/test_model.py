@@ -284,3 +284,20 @@ def test_seed_readme_config_builds_with_plausible_parameter_count():
     # 12 decoder layers of 4 * 768 * 512 (attention, 512-wide inner) + 8 * 768^2 (feed-forward),
     # 4 CCA layers, a 3-layer 896-wide encoder, and two 30522 x 768 vocabulary matrices: 159.9M
     assert 150e6 < count < 170e6, count
+
+
+def test_loss_over_slices_equals_the_full_cross_entropy_and_its_gradients():
+    seq, retrieved = batch(n=N + 1)
+    grads = []
+    for loss_chunk in (1000, 7):
+        model = tiny().train()
+        model.loss_chunk = loss_chunk
+        loss = model(seq, retrieved, return_loss=True)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    logits = tiny()(seq[:, :-1], retrieved)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), seq[:, 1:].reshape(-1))
+    torch.testing.assert_close(grads[0][0], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1][0], expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
