@@ -47,7 +47,7 @@ parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 parser.add_argument("--docs", default=None, help="folder of .txt documents (default: the "
                     "default corpus, written to <out>/text_folder)")
 parser.add_argument("--out", default="runs/main", help="folder for database, checkpoint, plots")
-parser.add_argument("--steps", type=int, default=None, help="training steps (CPU 150, CUDA 2000)")
+parser.add_argument("--steps", type=int, default=None, help="training steps (CPU 150, CUDA 200: the default corpus is only ~56 sequences of 2048)")
 parser.add_argument("--batch-size", type=int, default=None, help="(CPU 4, CUDA 8)")
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--wd", type=float, default=0.01)
@@ -65,7 +65,7 @@ device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_availabl
                       else ("cpu" if args.device == "auto" else args.device))
 on_cuda = device.type == "cuda"
 config = SEED_CONFIG if on_cuda else CPU_CONFIG
-steps = args.steps if args.steps is not None else (2000 if on_cuda else 150)
+steps = args.steps if args.steps is not None else (200 if on_cuda else 150)
 batch_size = args.batch_size or (8 if on_cuda else 4)
 bf16 = not args.no_bf16
 out = Path(args.out)
