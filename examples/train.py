@@ -47,7 +47,9 @@ parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 parser.add_argument("--docs", default=None, help="folder of .txt documents (default: the "
                     "default corpus, written to <out>/text_folder)")
 parser.add_argument("--out", default="runs/main", help="folder for database, checkpoint, plots")
-parser.add_argument("--steps", type=int, default=None, help="training steps (CPU 150, CUDA 200: the default corpus is only ~56 sequences of 2048)")
+parser.add_argument("--steps", type=int, default=None,
+                    help="training steps (CPU 150; CUDA 200: the default corpus holds only ~56 "
+                    "sequences of 2048 tokens)")
 parser.add_argument("--batch-size", type=int, default=None, help="(CPU 4, CUDA 8)")
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--wd", type=float, default=0.01)
