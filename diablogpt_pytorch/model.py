@@ -40,6 +40,34 @@ __all__ = ["DIABLOGPT", "DecodeCache", "deepnet_constants"]
 # building blocks
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x * rsqrt(mean(x^2) + eps) * gain, saving only x and the per-row scale for backward
+    (the composite op also keeps the normalised output alive: one more activation per norm).
+    Statistics are computed in at least float32; the output has x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gain: Tensor, eps: float) -> Tensor:
+        x32 = _at_least_fp32(x)
+        rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, gain, rstd)
+        return (x32 * rstd * gain.to(x32.dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, gain, rstd = ctx.saved_tensors
+        x32, g32 = _at_least_fp32(x), _at_least_fp32(grad_out)
+        normed = x32 * rstd
+        grad_gain = (g32 * normed).reshape(-1, x.shape[-1]).sum(0).to(gain.dtype)
+        u = g32 * gain.to(x32.dtype)
+        # d/dx of x * r with r = (mean(x^2) + eps)^-1/2:  r * (u - normed * mean(u * normed))
+        grad_x = rstd * (u - normed * (u * normed).mean(dim=-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_gain, None
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with a learned gain; ``gated`` adds an elementwise sigmoid gate ``sigmoid(w * x)``
     on the normalised output (gated RMSNorm, Zhang, Titov and Sennrich 2021, "Sparse Attention with
@@ -52,7 +80,7 @@ class RMSNorm(nn.Module):
         self.gate = nn.Parameter(torch.ones(dim)) if gated else None
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.rms_norm(x, (x.shape[-1],), self.gamma.to(x.dtype), self.eps)
+        out = _RMSNormFunction.apply(x, self.gamma, self.eps)
         if self.gate is not None:
             out = out * torch.sigmoid(x * self.gate)
         return out
@@ -81,18 +109,52 @@ def apply_rotary(x: Tensor, rot: tuple[Tensor, Tensor]) -> Tensor:
     return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
 
 
+class _GeluDropoutLinear(torch.autograd.Function):
+    """out = linear(dropout(gelu(h)), weight, bias), saving h and the dropout mask instead of the
+    activated hidden layer, which backward recomputes (cheap, elementwise): one (tokens, 4 * dim)
+    activation less per feed-forward block. Matmuls run in h's dtype (bf16 under autocast)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, p: float) -> Tensor:
+        a = F.gelu(h)
+        mask = None
+        if p > 0:
+            mask = torch.empty_like(a, dtype=torch.bool).bernoulli_(1 - p)
+            a = a * mask / (1 - p)
+        ctx.p = p
+        ctx.save_for_backward(h, weight, bias, mask)
+        return F.linear(a, weight.to(a.dtype), bias.to(a.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        h, weight, bias, mask = ctx.saved_tensors
+        with torch.enable_grad():
+            h_ = h.detach().requires_grad_()
+            a = F.gelu(h_)
+        a_value = a.detach() if mask is None else a.detach() * mask / (1 - ctx.p)
+        grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_weight = (grad_flat.t() @ a_value.reshape(-1, a_value.shape[-1]).to(grad_flat.dtype)).to(weight.dtype)
+        grad_bias = grad_flat.sum(0).to(bias.dtype)
+        grad_a = (grad_out @ weight.to(grad_out.dtype)).to(a.dtype)
+        if mask is not None:
+            grad_a = grad_a * mask / (1 - ctx.p)
+        (grad_h,) = torch.autograd.grad(a, h_, grad_a)
+        return grad_h, grad_weight, grad_bias, None
+
+
 class FeedForward(nn.Module):
+    """Linear -> GELU -> dropout -> Linear, with the activated hidden layer recomputed in backward."""
+
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(dim, dim * mult),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(dim * mult, dim),
-        )
+        self.proj_in = nn.Linear(dim, dim * mult)
+        self.proj_out = nn.Linear(dim * mult, dim)
+        self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        h = self.proj_in(x)
+        p = self.dropout if self.training else 0.0
+        return _GeluDropoutLinear.apply(h, self.proj_out.weight, self.proj_out.bias, p)
 
 
 class SelfAttention(nn.Module):
@@ -408,7 +470,7 @@ class DIABLOGPT(nn.Module):
         for part, beta in ((self.encoder, self.deepnet["enc_beta"]), (self.layers, self.deepnet["dec_beta"])):
             for module in part.modules():
                 if isinstance(module, FeedForward):
-                    for lin in (module.net[0], module.net[-1]):
+                    for lin in (module.proj_in, module.proj_out):
                         nn.init.xavier_normal_(lin.weight, gain=beta)
                 elif isinstance(module, SelfAttention):
                     inner = module.heads * module.dim_head
