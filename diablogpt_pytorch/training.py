@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from diablogpt_pytorch import checkpoint as ckpt
+from diablogpt_pytorch import distributed
 from diablogpt_pytorch.data import DIABLOGPTDataset
 from diablogpt_pytorch.evaluation import autocast_context, evaluate
 
@@ -89,6 +91,12 @@ class TrainingWrapper:
         embed_batch_size: chunks per embedder forward pass; index_batch_size: queries per faiss
             search; embed_dtype: embedder precision ('float32' or 'bfloat16'; default: the
             retrieval module's default).
+
+    Under ``torchrun`` (after ``diablogpt_pytorch.distributed.init_distributed()``): rank 0 builds
+    or validates the database while the other ranks wait, then every rank opens it read-only;
+    ``train_model`` is the model wrapped in DistributedDataParallel; ``get_dataloader`` shards the
+    sequences with a DistributedSampler; ``evaluate`` splits the held-out set across ranks and
+    sums the counts; ``save_checkpoint`` writes from rank 0 only (a single process loads it).
     """
 
     def __init__(
@@ -149,13 +157,25 @@ class TrainingWrapper:
         self.train_documents, self.valid_documents = split_documents(
             self._documents(), self.documents_path, self.valid_fraction
         )
-        self.train_ds, self.train_stats = self._build(self.train_documents, self.paths, train=True)
+        # rank 0 builds or validates the files (the others wait); then every rank opens them
+        built = None
+        with distributed.main_process_first("building the retrieval database") as main:
+            if main:
+                built = {"train": self._build_files(self.train_documents, self.paths, train=True)}
+                if self.valid_documents:
+                    built["valid"] = self._build_files(self.valid_documents, self.valid_paths,
+                                                       train=False)
+        built = distributed.broadcast_object(built, what="sharing the database layout")
+        self.train_ds, self.train_stats = self._build(self.train_documents, self.paths, train=True,
+                                                      built=built["train"])
         self.valid_ds, self.valid_stats, self.valid_num_bytes = None, None, None
         if self.valid_documents:
             self.valid_ds, self.valid_stats = self._build(self.valid_documents, self.valid_paths,
-                                                          train=False)
+                                                          train=False, built=built["valid"])
             self.valid_num_bytes = sum(p.stat().st_size for p in self.valid_documents)
         self._retriever = None
+        # what the training loop calls: DistributedDataParallel(diablogpt) under torchrun
+        self.train_model = distributed.wrap_model(self.model, self.device)
 
     # -- checks --------------------------------------------------------------------------------
 
@@ -201,7 +221,8 @@ class TrainingWrapper:
 
     # -- building ------------------------------------------------------------------------------
 
-    def _build(self, documents: list[Path], paths: dict[str, Path], train: bool):
+    def _build_files(self, documents: list[Path], paths: dict[str, Path], train: bool):
+        """Build (or reuse) a split's memmaps and knn file; returns (stats, knn_path)."""
         from diablogpt_pytorch import retrieval
 
         what = "training" if train else "held-out"
@@ -250,6 +271,17 @@ class TrainingWrapper:
                 device=self.embed_device,
                 embedder=self.embedder,
             )
+        return stats, knn_path
+
+    def _build(self, documents: list[Path], paths: dict[str, Path], train: bool,
+               built: Optional[tuple[dict[str, Any], Path]] = None):
+        """The split's dataset over its files: ``built`` = (stats, knn_path) from
+        ``_build_files`` (run by rank 0), else they are built here."""
+        what = "training" if train else "held-out"
+        if built is None:
+            built = self._build_files(documents, paths, train)
+        stats, knn_path = built
+        num_chunks = stats["chunks"]
         dataset = DIABLOGPTDataset(
             num_sequences=stats["seqs"],
             num_chunks=num_chunks,
@@ -276,7 +308,19 @@ class TrainingWrapper:
         """A ``DataLoader`` over the training sequences; kwargs go to ``DataLoader``.
 
         Batches are (seq (b, seq_len + 1), retrieved (b, seq_len / C, K, 2C)), int64, on CPU.
+
+        Under torchrun, unless a ``sampler`` or ``batch_sampler`` is given, each rank reads its own
+        shard of the sequences through a ``DistributedSampler`` (``shuffle`` and ``seed`` kwargs go
+        to it; ``batch_size`` is per rank); call ``loader.sampler.set_epoch(epoch)`` at the start
+        of every epoch so that the shuffle differs between epochs.
         """
+        if (distributed.is_distributed() and "sampler" not in kwargs
+                and "batch_sampler" not in kwargs):
+            from torch.utils.data.distributed import DistributedSampler
+
+            kwargs["sampler"] = DistributedSampler(
+                self.train_ds, shuffle=kwargs.pop("shuffle", False), seed=kwargs.pop("seed", 0),
+                drop_last=kwargs.get("drop_last", False))
         return DataLoader(self.train_ds, **kwargs)
 
     def get_optimizer(
@@ -307,21 +351,44 @@ class TrainingWrapper:
         (``retrieved=None``), for the same weights.
 
         Returns ``{'with_retrieval': metrics, 'without_retrieval': metrics}``; see
-        ``diablogpt_pytorch.evaluation`` for exactly what is counted.
+        ``diablogpt_pytorch.evaluation`` for exactly what is counted. Under torchrun each rank
+        evaluates every world_size-th sequence (``max_batches`` is then per rank) and the nats,
+        tokens and sequences are summed over ranks, so every rank gets the whole split's figures.
         """
         if self.valid_ds is None:
             raise ValueError(
                 "there is no held-out split to evaluate on: build TrainingWrapper with "
                 "valid_fraction > 0 over at least 2 documents"
             )
-        return {
-            f"{'with' if use else 'without'}_retrieval": evaluate(
-                self.model, self.valid_ds, use_retrieval=use, batch_size=batch_size,
-                device=self.device, bf16=self.bf16, num_bytes=self.valid_num_bytes,
-                max_batches=max_batches, progress=progress,
-            )
-            for use in (True, False)
-        }
+        if not distributed.is_distributed():
+            return {
+                f"{'with' if use else 'without'}_retrieval": evaluate(
+                    self.model, self.valid_ds, use_retrieval=use, batch_size=batch_size,
+                    device=self.device, bf16=self.bf16, num_bytes=self.valid_num_bytes,
+                    max_batches=max_batches, progress=progress,
+                )
+                for use in (True, False)
+            }
+        rank, world = distributed.get_rank(), distributed.get_world_size()
+        mine = torch.utils.data.Subset(self.valid_ds, range(rank, len(self.valid_ds), world))
+        results = {}
+        for use in (True, False):
+            part = evaluate(self.model, mine, use_retrieval=use, batch_size=batch_size,
+                            device=self.device, bf16=self.bf16, max_batches=max_batches,
+                            progress=progress and distributed.is_main()) if len(mine) else dict(
+                                nats=0.0, tokens=0, sequences=0)  # more ranks than sequences
+            total = distributed.reduce_metrics(
+                {k: part[k] for k in ("nats", "tokens", "sequences")},
+                what="reducing evaluation metrics")
+            loss = total["nats"] / total["tokens"]
+            complete = int(total["sequences"]) == len(self.valid_ds)
+            results[f"{'with' if use else 'without'}_retrieval"] = dict(
+                loss=loss, perplexity=math.exp(loss),
+                bits_per_byte=(total["nats"] / (math.log(2) * self.valid_num_bytes)
+                               if self.valid_num_bytes and complete else None),
+                nats=total["nats"], tokens=int(total["tokens"]),
+                sequences=int(total["sequences"]), retrieval=use)
+        return results
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -344,9 +411,16 @@ class TrainingWrapper:
         step: int = 0,
         extra: Optional[dict[str, Any]] = None,
     ) -> Path:
-        """Save model config + weights (+ optimizer, step, RNG state) atomically to ``path``."""
+        """Save model config + weights (+ optimizer, step, RNG state) atomically to ``path``.
+
+        Under torchrun only rank 0 writes (the plain model's weights, loadable by one process);
+        every rank returns once the file is complete."""
         extra = dict(extra or {}, database=self.database_info())
-        return ckpt.save_checkpoint(path, self.model, optimizer=optimizer, step=step, extra=extra)
+        with distributed.main_process_first(f"saving checkpoint {path}") as main:
+            if main:
+                path = ckpt.save_checkpoint(path, self.model, optimizer=optimizer, step=step,
+                                            extra=extra)
+        return Path(path)
 
     def load_checkpoint(
         self, path: Union[str, os.PathLike], optimizer: Optional[torch.optim.Optimizer] = None,
@@ -403,14 +477,26 @@ class StepBatchSampler(torch.utils.data.Sampler):
     from ``start_step`` yields the batches of steps ``start_step, start_step + 1, ...``, so a run
     resumed at step s sees exactly the batches the uninterrupted run saw. Use as
     ``wrapper.get_dataloader(batch_sampler=StepBatchSampler(len(wrapper.train_ds), b, seed, s))``.
+
+    Under torchrun (``world_size`` > 1; by default the current rank and world size) each step's
+    global batch of ``batch_size * world_size`` items is cut the same way on every rank (the
+    epoch's permutation depends on the epoch alone, as ``DistributedSampler.set_epoch`` makes it)
+    and rank r takes its r-th ``batch_size`` slice.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int = 0, start_step: int = 0):
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, start_step: int = 0,
+                 rank: Optional[int] = None, world_size: Optional[int] = None):
         if num_items <= 0 or batch_size <= 0:
             raise ValueError(f"need num_items > 0 and batch_size > 0; got {num_items}, {batch_size}")
+        self.rank = distributed.get_rank() if rank is None else int(rank)
+        self.world_size = distributed.get_world_size() if world_size is None else int(world_size)
+        if self.world_size > 1 and num_items < batch_size * self.world_size:
+            raise ValueError(
+                f"{num_items} training sequences cannot fill a global batch of {batch_size} per "
+                f"rank x {self.world_size} ranks: use a smaller batch size, fewer ranks or more text")
         self.num_items, self.batch_size = int(num_items), int(batch_size)
         self.seed, self.start_step = int(seed), int(start_step)
-        self.batches_per_epoch = max(1, self.num_items // self.batch_size)
+        self.batches_per_epoch = max(1, self.num_items // (self.batch_size * self.world_size))
 
     def __iter__(self):
         step = self.start_step
@@ -419,7 +505,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.num_items,
                                    generator=torch.Generator().manual_seed(self.seed + epoch))
             for pos in range(position, self.batches_per_epoch):
-                yield order[pos * self.batch_size:(pos + 1) * self.batch_size].tolist()
+                first = (pos * self.world_size + self.rank) * self.batch_size
+                yield order[first:first + self.batch_size].tolist()
                 step += 1
 
 

@@ -4,15 +4,22 @@
     python examples/train.py --device cpu --steps 300
     REPROCESS=1 python examples/train.py           # rebuild the retrieval database
     python examples/train.py --resume              # continue from runs/main/checkpoint.pt
+    torchrun --nproc_per_node 2 examples/train.py  # DDP: one process per GPU (or CPU share)
 
 Without --docs it writes the default corpus (Python's own documentation topics, no download) to
 <out>/text_folder. It builds (or reuses) the retrieval database with the offline default embedder,
 trains with a progress bar showing the loss, evaluates on the held-out documents with retrieval
 and with retrieval switched off, writes <out>/loss.png, <out>/metrics.json and
 <out>/checkpoint.pt, and prints a sample generated with retrieval.
+
+Under torchrun every rank runs this script: rank 0 writes the corpus and builds the database while
+the others wait, each rank trains on its own share of every batch (--batch-size is per rank) with
+DistributedDataParallel, evaluation is split across ranks and summed, and rank 0 alone logs,
+saves the checkpoint, plots and samples.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -29,7 +36,7 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from diablogpt_pytorch import DIABLOGPT, TrainingWrapper
+from diablogpt_pytorch import DIABLOGPT, TrainingWrapper, distributed
 from diablogpt_pytorch.corpus import write_default_corpus
 from diablogpt_pytorch.embedder import get_tokenizer
 from diablogpt_pytorch.training import StepBatchSampler
@@ -50,7 +57,9 @@ parser.add_argument("--out", default="runs/main", help="folder for database, che
 parser.add_argument("--steps", type=int, default=None,
                     help="training steps (CPU 150; CUDA 200: the default corpus holds only ~56 "
                     "sequences of 2048 tokens)")
-parser.add_argument("--batch-size", type=int, default=None, help="(CPU 4, CUDA 8)")
+parser.add_argument("--batch-size", type=int, default=None, help="sequences per rank and "
+                    "micro-batch (CPU 4, CUDA 8)")
+parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--wd", type=float, default=0.01)
 parser.add_argument("--knn", type=int, default=2)
@@ -61,10 +70,16 @@ parser.add_argument("--resume", action="store_true", help="continue from <out>/c
 parser.add_argument("--max-new-tokens", type=int, default=128)
 args = parser.parse_args()
 
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 started = time.time()
-device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                      else ("cpu" if args.device == "auto" else args.device))
+# under torchrun: join the process group (gloo on CPU, nccl on CUDA), one device per rank
+dist_info = distributed.init_distributed(device=None if args.device == "auto" else args.device)
+main_rank = dist_info.is_main
+logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                    format=f"%(levelname)s [rank {dist_info.rank}] %(name)s: %(message)s"
+                    if dist_info.distributed else "%(levelname)s %(name)s: %(message)s")
+device = dist_info.device if dist_info.distributed else torch.device(
+    "cuda" if args.device == "auto" and torch.cuda.is_available()
+    else ("cpu" if args.device == "auto" else args.device))
 on_cuda = device.type == "cuda"
 config = SEED_CONFIG if on_cuda else CPU_CONFIG
 steps = args.steps if args.steps is not None else (200 if on_cuda else 150)
@@ -76,7 +91,9 @@ torch.manual_seed(args.seed)
 
 docs = Path(args.docs) if args.docs else out / "text_folder"
 if not args.docs:
-    write_default_corpus(docs)
+    with distributed.main_process_first("writing the default corpus") as main:
+        if main:
+            write_default_corpus(docs)
 
 diablo_gpt = DIABLOGPT(**config).to(device)
 
@@ -100,15 +117,19 @@ wrapper = TrainingWrapper(
 )
 database_seconds = time.time() - started
 
+model = wrapper.train_model  # DistributedDataParallel(diablo_gpt) under torchrun
 optim = wrapper.get_optimizer(lr=args.lr, wd=args.wd)
 checkpoint_path = out / "checkpoint.pt"
 start_step, losses = 0, []
 if args.resume:
     payload = wrapper.load_checkpoint(checkpoint_path, optim)
     start_step, losses = payload["step"], payload["extra"]["losses"]
-    print(f"resumed from {checkpoint_path} at step {start_step}")
+    if main_rank:
+        print(f"resumed from {checkpoint_path} at step {start_step}")
 
-sampler = StepBatchSampler(len(wrapper.train_ds), batch_size, seed=args.seed, start_step=start_step)
+# each rank takes its own slice of every global batch (batch_size x world_size sequences)
+sampler = StepBatchSampler(len(wrapper.train_ds), batch_size, seed=args.seed,
+                           start_step=start_step * args.grad_accum)
 train_dl = iter(wrapper.get_dataloader(batch_sampler=sampler, num_workers=0))
 warmup = min(100, max(1, steps // 10))
 
@@ -123,26 +144,39 @@ def lr_at(step):
 
 diablo_gpt.train()
 train_started = time.time()
-bar = tqdm(range(start_step, steps), desc="training", initial=start_step, total=steps)
+bar = tqdm(range(start_step, steps), desc="training", initial=start_step, total=steps,
+           disable=not main_rank)
 for step in bar:
     for group in optim.param_groups:
         group["lr"] = lr_at(step)
-    seq, retrieved = map(lambda t: t.to(device), next(train_dl))
-    with wrapper.autocast():
-        loss = diablo_gpt(seq, retrieved, return_loss=True)
-    loss.backward()
+    step_loss = 0.0
+    with distributed.collective_errors(f"training step {step}"):
+        for micro in range(args.grad_accum):
+            seq, retrieved = map(lambda t: t.to(device), next(train_dl))
+            # gradients are averaged over ranks on the last micro-batch only
+            last = micro == args.grad_accum - 1
+            with contextlib.nullcontext() if last or model is diablo_gpt else model.no_sync():
+                with wrapper.autocast():
+                    loss = model(seq, retrieved, return_loss=True) / args.grad_accum
+                loss.backward()
+            step_loss += loss.item()
     torch.nn.utils.clip_grad_norm_(diablo_gpt.parameters(), 1.0)
     optim.step()
     optim.zero_grad(set_to_none=True)
-    losses.append(loss.item())
+    losses.append(step_loss)  # this rank's share of the batch (rank 0's is shown and plotted)
     bar.set_postfix(loss=f"{losses[-1]:.3f}")
 train_seconds = time.time() - train_started
-tokens_per_second = (steps - start_step) * batch_size * config["max_seq_len"] / max(train_seconds, 1e-9)
+world_size = dist_info.world_size
+tokens_per_second = ((steps - start_step) * batch_size * args.grad_accum * world_size
+                     * config["max_seq_len"] / max(train_seconds, 1e-9))
 
 wrapper.save_checkpoint(checkpoint_path, optim, step=steps, extra={"losses": losses})
 
-metrics = wrapper.evaluate(batch_size=batch_size)
+metrics = wrapper.evaluate(batch_size=batch_size)  # split across ranks, summed
 with_r, without_r = metrics["with_retrieval"], metrics["without_retrieval"]
+if not main_rank:  # rank 0 alone plots, samples and reports
+    distributed.cleanup()
+    raise SystemExit(0)
 
 plt.figure(figsize=(7, 4))
 plt.plot(losses, lw=0.8, label="training loss (with retrieval)")
@@ -164,6 +198,7 @@ sampled = wrapper.generate(prompt, filter_thres=0.9, temperature=1.0,
 
 summary = dict(
     device=str(device), bf16=bf16, config=config, steps=steps, batch_size=batch_size,
+    grad_accum=args.grad_accum, world_size=world_size,
     train_documents=len(wrapper.train_documents), valid_documents=len(wrapper.valid_documents),
     train_stats=wrapper.train_stats, valid_stats=wrapper.valid_stats,
     final_train_loss=sum(losses[-10:]) / len(losses[-10:]),
@@ -175,7 +210,9 @@ summary = dict(
 
 print()
 print(f"device {device}, bf16 {bf16}, {steps} steps of {batch_size} x {config['max_seq_len']} "
-      f"tokens, {tokens_per_second:.0f} tokens/s; train docs {len(wrapper.train_documents)}, "
+      f"tokens" + (f" x {args.grad_accum} micro-batches" if args.grad_accum > 1 else "")
+      + (f" x {world_size} ranks" if world_size > 1 else "")
+      + f", {tokens_per_second:.0f} tokens/s; train docs {len(wrapper.train_documents)}, "
       f"held-out docs {len(wrapper.valid_documents)}")
 print(f"{'held-out':<20}{'loss':>8}{'ppl':>10}{'bpb':>8}")
 for name, m in (("with retrieval", with_r), ("without retrieval", without_r)):
@@ -185,3 +222,4 @@ print(f"sample: {tokenizer.decode(sampled[0, prompt.shape[1]:].tolist(), skip_sp
 print(f"\ncheckpoint {checkpoint_path}, loss curve {out / 'loss.png'}, metrics {out / 'metrics.json'}")
 print(f"wall time {time.time() - started:.0f}s (database {database_seconds:.0f}s, "
       f"training {train_seconds:.0f}s)")
+distributed.cleanup()
