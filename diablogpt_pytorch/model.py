@@ -31,17 +31,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 __all__ = ["DIABLOGPT", "DecodeCache", "deepnet_constants"]
 
 
 # ---------------------------------------------------------------------------------------------
 # building blocks
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -66,6 +61,56 @@ class _RMSNormFunction(torch.autograd.Function):
         # d/dx of x * r with r = (mean(x^2) + eps)^-1/2:  r * (u - normed * mean(u * normed))
         grad_x = rstd * (u - normed * (u * normed).mean(dim=-1, keepdim=True))
         return grad_x.to(x.dtype), grad_gain, None
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class _LMHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of ``labels`` (N,) under logits ``hidden (N, d) @ weight.T`` without
+    ever holding the (N, vocab) logits: they are made ``chunk`` rows at a time, in the forward
+    (for the log-sum-exp) and again in the backward (for softmax - one-hot). Only ``hidden``, the
+    labels and one float per row are saved. Rows whose label is ``ignore_index`` count for nothing.
+    Matmuls run in ``compute_dtype`` (bf16 under autocast), the softmax in float32."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, chunk: int,
+                compute_dtype: torch.dtype) -> Tensor:
+        w = weight.to(compute_dtype)
+        acc = torch.promote_types(compute_dtype, torch.float32)
+        total = hidden.new_zeros((), dtype=acc)
+        lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        for begin in range(0, hidden.shape[0], chunk):
+            rows = slice(begin, begin + chunk)
+            logits = _at_least_fp32(hidden[rows].to(compute_dtype) @ w.t())
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            target = labels[rows]
+            keep = target != ignore_index
+            picked = logits.gather(1, target.clamp(min=0)[:, None]).squeeze(1)
+            total += ((lse[rows] - picked) * keep).sum()
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.ignore_index, ctx.chunk, ctx.compute_dtype = ignore_index, chunk, compute_dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+        for begin in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(begin, begin + ctx.chunk)
+            h = hidden[rows].to(dtype)
+            probs = _at_least_fp32(h @ w.t()).sub_(lse[rows, None]).exp_()
+            target = labels[rows]
+            probs[torch.arange(probs.shape[0], device=probs.device), target.clamp(min=0)] -= 1
+            probs.mul_(((target != ctx.ignore_index).to(probs.dtype) * grad_total)[:, None])
+            g = probs.to(dtype)
+            grad_hidden[rows] = (g @ w).to(hidden.dtype)
+            grad_weight += (g.t() @ h).to(grad_weight.dtype)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
 class RMSNorm(nn.Module):
@@ -455,7 +500,7 @@ class DIABLOGPT(nn.Module):
             self.layers.append(nn.ModuleList([attn, cca, ff]))
         self.final_norm = nn.Identity() if use_deepnet else RMSNorm(dec_dim, gated=gated_rmsnorm)
         self.to_logits = nn.Linear(dec_dim, num_tokens, bias=False)
-        self.loss_chunk = 512  # positions per slice of the loss (see forward)
+        self.loss_chunk = 512  # rows of logits made at a time by the loss (see forward)
         self._init_weights()
 
     # -- init ----------------------------------------------------------------------------------
@@ -503,23 +548,14 @@ class DIABLOGPT(nn.Module):
             return self.to_logits(self._run(seq, retrieved, cache=None))
         seq, labels = seq[:, :-1], seq[:, 1:]
         hidden = self._run(seq, retrieved, cache=None)
-        # The loss is taken over slices of positions whose logits are recomputed in the backward
-        # pass, so the (b, n, num_tokens) logits (and their float32 log-softmax and gradient)
-        # never exist all at once; cross-entropy runs in float32 under autocast.
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for begin in range(0, hidden.shape[1], self.loss_chunk):
-            h, y = hidden[:, begin:begin + self.loss_chunk], labels[:, begin:begin + self.loss_chunk]
-            if torch.is_grad_enabled() and h.requires_grad:
-                total = total + checkpoint(self._nll_sum, h, y, use_reentrant=False)
-            else:
-                total = total + self._nll_sum(h, y)
+        # The (b, n, num_tokens) logits never exist all at once: the loss makes them loss_chunk
+        # rows at a time, in float32 softmax, and remakes them in the backward pass.
+        device_type = hidden.device.type
+        compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                         else self.to_logits.weight.dtype)
+        total = _LMHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), self.to_logits.weight,
+                                  labels.reshape(-1), self.pad_id, self.loss_chunk, compute_dtype)
         return total / (labels != self.pad_id).sum().clamp(min=1)
-
-    def _nll_sum(self, hidden: Tensor, labels: Tensor) -> Tensor:
-        """Summed cross-entropy of labels (b, t) given final hidden states (b, t, dec_dim)."""
-        logits = self.to_logits(hidden)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                               ignore_index=self.pad_id, reduction="sum")
 
     @torch.no_grad()
     def init_cache(self, batch_size: int, retrieval: bool = True, device=None,
