@@ -51,18 +51,23 @@ def autocast(dtype: str):
 # ------------------------------------------------------------------------------ models and data
 
 
+def use_ours_source(src=None) -> None:
+    """Import diablogpt_pytorch from the run's snapshot (``task['src']``), else this checkout."""
+    sys.path.insert(0, str(src or REPO_ROOT))
+
+
 def build_model(lib: str, cfg: dict, seed: int) -> torch.nn.Module:
     """The seed-config model of either library, initialised from ``seed``."""
     torch.manual_seed(seed)
     if lib == "ours":
-        sys.path.insert(0, str(REPO_ROOT))
+        use_ours_source(cfg.get("_src"))
         from diablogpt_pytorch import DIABLOGPT
 
-        model = DIABLOGPT(**cfg)
+        model = DIABLOGPT(**{k: v for k, v in cfg.items() if not k.startswith("_")})
     elif lib == "ref":
         from retro_pytorch import RETRO
 
-        model = RETRO(**cfg)
+        model = RETRO(**{k: v for k, v in cfg.items() if not k.startswith("_")})
     else:
         raise ValueError(f"lib must be 'ours' or 'ref', got {lib!r}")
     return model.train()
@@ -250,6 +255,7 @@ def _generate_ref(model, prompt, new_tokens, table, t):
 def _generate_ours(model, prompt, new_tokens, table, t):
     """``diablogpt_pytorch.generation.generate`` (issue 5): cached incremental decoding, with a
     retriever object serving the fixed neighbour table in chunk order."""
+    use_ours_source(t.get("src"))
     try:
         from diablogpt_pytorch.generation import generate, top_k
     except ImportError as e:
@@ -319,7 +325,7 @@ def _database_ref(t: dict, work: Path) -> dict:
 
 
 def _database_ours(t: dict, work: Path) -> dict:
-    sys.path.insert(0, str(REPO_ROOT))
+    use_ours_source(t.get("src"))
     from diablogpt_pytorch import retrieval
 
     stats = retrieval.text_folder_to_chunks_(
@@ -339,6 +345,8 @@ TASKS = {"train": task_train, "profile": task_profile, "flops": task_flops,
 
 def main() -> None:
     task = json.loads(sys.argv[1])
+    if task.get("src") and isinstance(task.get("cfg"), dict):
+        task["cfg"] = {**task["cfg"], "_src": task["src"]}
     out_path = Path(sys.argv[2])
     try:
         result = {"ok": True, **TASKS[task["kind"]](task)}

@@ -59,7 +59,7 @@ REF_REQUIREMENTS = ["retro-pytorch==0.3.9", "transformers<5", "pyarrow<26", "fai
 # a CPU wheel index, used only where the configured indexes would resolve torch to a CUDA build
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 
-ALL_PARTS = ["train", "curve", "mfu", "generate", "database", "profile"]
+ALL_PARTS = ["train", "mfu", "profile", "curve", "generate", "database"]  # the order they run in
 DEFAULT_PARTS = ["train", "curve", "mfu", "generate", "database"]
 
 TARGETS = {  # issue 6
@@ -140,8 +140,12 @@ class Runner:
         self.workdir = workdir
         self.threads = threads
         self.count = 0
+        self.src, self.snapshot = snapshot_ours(workdir / "src")
 
     def run(self, lib: str, task: dict, timeout: float = 3600) -> dict:
+        return self._run(lib, {**task, "src": str(self.src)} if lib == "ours" else task, timeout)
+
+    def _run(self, lib: str, task: dict, timeout: float) -> dict:
         self.count += 1
         task = {**task, "lib": lib, "threads": self.threads}
         out = self.workdir / f"result-{self.count:03d}.json"
@@ -161,6 +165,24 @@ class Runner:
         result["process_wall_s"] = wall
         shutil.rmtree(cwd, ignore_errors=True)
         return result
+
+
+def snapshot_ours(dest: Path) -> tuple[Path, dict]:
+    """Copy this checkout's package to ``dest`` so that every measurement of the run uses the same
+    code even while the working tree changes; return (the folder to import from, its identity)."""
+    shutil.copytree(REPO_ROOT / "diablogpt_pytorch", dest / "diablogpt_pytorch",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    digest = hashlib.sha256()
+    for f in sorted((dest / "diablogpt_pytorch").rglob("*.py")):
+        digest.update(f.name.encode() + f.read_bytes())
+
+    def git(*a):
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *a], capture_output=True,
+                              text=True).stdout.strip()
+
+    return dest, {"git_head": git("rev-parse", "--short", "HEAD"),
+                  "package_uncommitted_changes": bool(git("status", "--porcelain", "diablogpt_pytorch")),
+                  "package_sha256": digest.hexdigest()[:16]}
 
 
 def seed_config(args) -> dict:
@@ -354,7 +376,7 @@ def part_database(runner: Runner, args) -> dict:
         subprocess.run([runner.py["ours"], "-c",
                         "import sys; sys.path.insert(0, sys.argv[2]); "
                         "from diablogpt_pytorch.corpus import write_default_corpus as w; "
-                        "w(sys.argv[1])", str(folder), str(REPO_ROOT)], check=True,
+                        "w(sys.argv[1])", str(folder), str(runner.src)], check=True,
                        capture_output=True)
     files = sorted(Path(folder).glob("**/*.txt"))
     runs = {"ours": [], "ref": []}
@@ -479,6 +501,7 @@ def main(argv=None) -> dict:
                 log(f"part {name} failed: {e}")
                 parts[name] = {"error": f"{type(e).__name__}: {e}"}
             parts[name]["measured_at_utc"] = info["when_utc"]
+            parts[name]["ours_code"] = runner.snapshot
             args.out.write_text(json.dumps(results, indent=1))  # progress survives an interruption
         try:
             info["loadavg_end"] = os.getloadavg()
