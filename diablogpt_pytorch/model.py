@@ -39,6 +39,11 @@ __all__ = ["DIABLOGPT", "DecodeCache", "deepnet_constants"]
 # building blocks
 
 
+# torch's fused RMSNorm forward kernel (it also returns the per-row scale; its backward kernel has
+# no CPU implementation, so the backward below is ours); older torch uses the composite formula
+_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """y = x * rsqrt(mean(x^2) + eps) * gain, saving only x and the per-row scale for backward
     (the composite op also keeps the normalised output alive: one more activation per norm).
@@ -46,6 +51,10 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, gain: Tensor, eps: float) -> Tensor:
+        if _FUSED_RMS_NORM:  # one pass; the kernel accumulates in float32 for bf16 inputs
+            out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], gain.to(x.dtype), eps)
+            ctx.save_for_backward(x, gain, rstd)
+            return out
         x32 = _at_least_fp32(x)
         rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
         ctx.save_for_backward(x, gain, rstd)
