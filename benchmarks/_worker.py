@@ -121,7 +121,11 @@ def task_train(t: dict) -> dict:
         if i >= t["warmup"]:
             step_s.append(t1 - t0)
             step_cpu_s.append(c1 - c0)
+    # this moment's matmul FLOP/s in the same process and dtype: the MFU denominator, measured
+    # under the same load as the step (the machine is shared)
+    mm = matmul_flops(t["matmul_n"], t["dtype"], t.get("matmul_reps", 3)) if t.get("matmul_n") else None
     return {
+        "matmul": mm,
         "step_s": step_s, "step_cpu_s": step_cpu_s, "losses": losses,
         "median_step_s": statistics.median(step_s) if step_s else None,
         "peak_rss_bytes": peak_rss_bytes(), "rss_after_build_bytes": rss_built,
@@ -175,16 +179,19 @@ def task_flops(t: dict) -> dict:
 def task_matmul(t: dict) -> dict:
     """Sustained matmul FLOP/s of this machine in one dtype (square n x n @ n x n)."""
     torch.set_num_threads(t.get("threads") or torch.get_num_threads())
-    n = t["n"]
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[t["dtype"]]
+    return matmul_flops(t["n"], t["dtype"], t["reps"], t.get("warmup", 2))
+
+
+def matmul_flops(n: int, dtype: str, reps: int, warmup: int = 2) -> dict:
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dt)
     b = torch.randn(n, n, generator=g).to(dt)
     out = torch.empty(n, n, dtype=dt)
-    for _ in range(t.get("warmup", 2)):
+    for _ in range(warmup):
         torch.mm(a, b, out=out)
     times = []
-    for _ in range(t["reps"]):
+    for _ in range(reps):
         t0 = time.perf_counter()
         torch.mm(a, b, out=out)
         times.append(time.perf_counter() - t0)
