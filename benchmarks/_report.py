@@ -119,6 +119,13 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
                      _f(w.get("ours"), "{:.1f}"), _f(w.get("ref"), "{:.1f}"),
                      _f(db.get("speedup"), "{:.2f}x faster"), f">= {T.get('database_speedup')}x",
                      _met(db.get("speedup"), T.get("database_speedup", 0))))
+    codes = {json.dumps(v["ours_code"], sort_keys=True) for v in parts.values() if "ours_code" in v}
+    for code in sorted(codes):
+        c = json.loads(code)
+        used = [k for k, v in parts.items() if json.dumps(v.get("ours_code"), sort_keys=True) == code]
+        lines += [f"Our code measured ({', '.join(used)}): git {c['git_head']}"
+                  f"{' plus uncommitted changes' if c['package_uncommitted_changes'] else ''}, "
+                  f"package sha256 {c['package_sha256']} (copied at the start of the run).", ""]
     for name, err in failed.items():
         lines += [f"Part `{name}` failed in the last run: {err.splitlines()[0]}", ""]
     lines += ["| measurement | ours | reference | ratio | target | met |",
