@@ -706,8 +706,13 @@ class DIABLOGPT(nn.Module):
         offset = (first - (C - 1)) % C
         w0 = (first - (C - 1)) // C
         count = end - first
-        windows = math.ceil((offset + count) / C)
         q_in = cca.pre(x)[:, first - start:]
+        if offset + count <= C:  # all queries in one window (e.g. a decoding step): no padding
+            q_rot = self.rotary(torch.arange(C - 1 + offset, C - 1 + offset + count, device=x.device))
+            out = cca.fn.attend(q_in, keys_all[cca_index][:, w0], values_all[cca_index][:, w0],
+                                q_rot=q_rot, attn_mask=mask_all[:, w0, None, None, :])
+            return F.pad(out, (0, 0, first - start, 0))
+        windows = math.ceil((offset + count) / C)
         q_in = F.pad(q_in, (0, 0, offset, windows * C - offset - count))
         q_in = rearrange(q_in, "b (w c) d -> (b w) c d", c=C)
         k = rearrange(keys_all[cca_index][:, w0:w0 + windows], "b w h l d -> (b w) h l d")

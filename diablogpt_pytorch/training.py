@@ -522,7 +522,9 @@ def get_optimizer(
 
     Uses ``model.no_weight_decay_parameter_names()`` when the model has it, else "ndim < 2".
     Both groups list parameters in ``model.named_parameters()`` order (never via sets). Frozen
-    parameters are left out. Each group records its parameter names under ``'names'``.
+    parameters are left out. Each group records its parameter names under ``'names'``. Uses the
+    fused AdamW kernel where torch has one for the parameters' device (pass ``fused=False`` or
+    ``foreach=...`` to choose).
     """
     if hasattr(model, "no_weight_decay_parameter_names"):
         no_decay = model.no_weight_decay_parameter_names()
@@ -542,5 +544,12 @@ def get_optimizer(
         {"params": decay, "weight_decay": wd, "names": decay_names},
         {"params": plain, "weight_decay": 0.0, "names": plain_names},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps,
-                             **kwargs)
+    groups = [g for g in groups if g["params"]]
+    if "fused" not in kwargs and "foreach" not in kwargs:
+        # the fused kernel (CPU and CUDA) updates all parameters in one pass per step; without it
+        # torch's CPU AdamW loops over parameters one at a time
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the kernel
+            pass
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
