@@ -324,8 +324,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         current_memory_available=args.current_memory_available, embedder=args.embedder,
         device=args.device or info.device)
     if info.is_main:
-        print(f"{stats['chunks']} chunks from {stats['docs']} documents on {info.world_size} "
-              f"rank(s): index {index_path}, neighbours {knn_path}")
+        logger.info("%d chunks from %d documents on %d rank(s): index %s, neighbours %s",
+                    stats["chunks"], stats["docs"], info.world_size, index_path, knn_path)
     D.cleanup()
 
 
