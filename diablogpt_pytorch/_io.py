@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy as np
+
 
 def reprocess_requested() -> bool:
     """True when the ``REPROCESS`` environment variable asks for a forced rebuild."""
@@ -70,3 +72,24 @@ def is_fresh(path: os.PathLike | str, meta: dict[str, Any]) -> bool:
     if reprocess_requested() or not Path(path).exists():
         return False
     return read_meta(path) == json.loads(json.dumps(meta, sort_keys=True))
+
+
+def open_int32_memmap(path: os.PathLike | str, shape: tuple[int, ...], what: str, *,
+                      missing_fix: str, mismatch_fix: str) -> np.memmap:
+    """Open an int32 memmap of ``shape`` read-only after checking that the file exists and that
+    its size matches ``shape``; the errors name the file, the problem and the fix given."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist: {missing_fix}")
+    itemsize = np.dtype(np.int32).itemsize
+    expected = int(np.prod(shape)) * itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        width = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        holds = (f"{actual / (width * itemsize):g} rows of {width}" if len(shape) > 1
+                 else f"{actual / itemsize:g} values")
+        raise ValueError(
+            f"{what} {str(path)!r} holds {actual} bytes ({holds}) but int32 shape {tuple(shape)} "
+            f"needs {expected}: {mismatch_fix}"
+        )
+    return np.memmap(path, dtype=np.int32, mode="r", shape=tuple(shape))

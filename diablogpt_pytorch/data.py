@@ -23,10 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from diablogpt_pytorch._io import open_int32_memmap
 from diablogpt_pytorch.neighbours import neighbour_tokens
-
-_ITEM_BYTES = np.dtype(np.int32).itemsize
-
 
 def open_memmap_readonly(path: os.PathLike | str, shape: tuple[int, ...], what: str) -> np.memmap:
     """Open an int32 memmap of ``shape`` read-only, checking the file's size first.
@@ -35,21 +33,12 @@ def open_memmap_readonly(path: os.PathLike | str, shape: tuple[int, ...], what: 
         FileNotFoundError: the file does not exist.
         ValueError: its size does not match ``shape`` (names the file, both sizes and the fix).
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{what} file {str(path)!r} does not exist: build it first (TrainingWrapper or "
-            "diablogpt_pytorch.retrieval) or pass the right path"
-        )
-    expected = int(np.prod(shape)) * _ITEM_BYTES
-    actual = path.stat().st_size
-    if actual != expected:
-        raise ValueError(
-            f"{what} file {str(path)!r} holds {actual} bytes but int32 shape {tuple(shape)} needs "
-            f"{expected}: the counts/sizes passed to DIABLOGPTDataset do not match the file "
-            "(pass the numbers it was built with, or rebuild it)"
-        )
-    return np.memmap(path, dtype=np.int32, mode="r", shape=tuple(shape))
+    return open_int32_memmap(
+        path, shape, f"{what} file",
+        missing_fix="build it first (TrainingWrapper or diablogpt_pytorch.retrieval) or pass the right path",
+        mismatch_fix="the counts/sizes passed to DIABLOGPTDataset do not match the file (pass the "
+                     "numbers it was built with, or rebuild it)",
+    )
 
 
 class DIABLOGPTDataset(Dataset):

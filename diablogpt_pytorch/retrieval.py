@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from diablogpt_pytorch import embedder as emb
 from diablogpt_pytorch import index as idx
-from diablogpt_pytorch._io import atomic_path, meta_path, read_meta, reprocess_requested, write_meta
+from diablogpt_pytorch._io import (atomic_path, meta_path, open_int32_memmap, read_meta, reprocess_requested,
+                                   write_meta)
 from diablogpt_pytorch.neighbours import neighbour_tokens
 
 logger = logging.getLogger(__name__)
@@ -121,32 +122,20 @@ def _cached(paths: Sequence[PathLike], inputs: dict[str, Any], what: str,
     return metas[0]
 
 
-def _check_memmap(path: PathLike, shape: tuple[int, ...], dtype=np.int32, what: str = "") -> None:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what or 'memmap'} {path} does not exist")
-    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    actual = path.stat().st_size
-    if actual != expected:
-        width = shape[1] if len(shape) > 1 else 1
-        hint = (f" (it holds {actual / (width * np.dtype(dtype).itemsize):g} rows of {width})"
-                if len(shape) > 1 else f" (it holds {actual / np.dtype(dtype).itemsize:g} values)")
-        raise ValueError(
-            f"{what or 'memmap'} {path} has {actual} bytes but shape {shape} {np.dtype(dtype).name} "
-            f"needs {expected}{hint}: num_chunks / chunk_size do not match the file; pass the values "
-            f"text_folder_to_chunks_ returned and used")
+_MISMATCH_FIX = ("num_chunks / chunk_size do not match the file; pass the values "
+                 "text_folder_to_chunks_ returned and used")
 
 
 def open_chunks(chunk_memmap_path: PathLike, num_chunks: int, chunk_size: int) -> np.memmap:
     """The chunks memmap, read-only, int32 (num_chunks, chunk_size + 1), size-checked."""
-    _check_memmap(chunk_memmap_path, (num_chunks, chunk_size + 1), what="chunks memmap")
-    return np.memmap(chunk_memmap_path, dtype=np.int32, mode="r", shape=(num_chunks, chunk_size + 1))
+    return open_int32_memmap(chunk_memmap_path, (num_chunks, chunk_size + 1), "chunks memmap",
+                             missing_fix="build it with text_folder_to_chunks_", mismatch_fix=_MISMATCH_FIX)
 
 
 def open_doc_ids(doc_ids_memmap_path: PathLike, num_chunks: int) -> np.memmap:
     """The doc_ids memmap, read-only, int32 (num_chunks,), size-checked."""
-    _check_memmap(doc_ids_memmap_path, (num_chunks,), what="doc_ids memmap")
-    return np.memmap(doc_ids_memmap_path, dtype=np.int32, mode="r", shape=(num_chunks,))
+    return open_int32_memmap(doc_ids_memmap_path, (num_chunks,), "doc_ids memmap",
+                             missing_fix="build it with text_folder_to_chunks_", mismatch_fix=_MISMATCH_FIX)
 
 
 # ----------------------------------------------------------------------------- text -> ids
