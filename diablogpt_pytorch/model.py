@@ -211,23 +211,6 @@ class FeedForward(nn.Module):
         return _GeluDropoutLinear.apply(h, self.proj_out.weight, self.proj_out.bias, p)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-              is_causal: bool = False) -> Tensor:
-    """``F.scaled_dot_product_attention`` over (B, h, L, d) tensors, in q's dtype.
-
-    On CPU, short bf16 windows (at most 512 keys, not causal: the neighbour and chunked
-    cross-attention windows) run in float32: torch's CPU flash kernels are about 1.8x slower in
-    bf16 than in float32 there (``benchmarks/bench_attention.py``), while the long causal decoder
-    attention is faster in bf16 and stays so.
-    """
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not is_causal and k.shape[-2] <= 512:
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
-                                             dropout_p=dropout_p)
-        return out.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask,
-                                          dropout_p=dropout_p, is_causal=is_causal)
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention with rotary positions, causal or bidirectional.
 
@@ -267,7 +250,9 @@ class SelfAttention(nn.Module):
                 if n > 1:  # queries at start..end-1 see keys 0..their own position
                     qpos = torch.arange(start, end, device=x.device)[:, None]
                     attn_mask = torch.arange(end, device=x.device)[None, :] <= qpos
-        out = attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal and n > 1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal and n > 1
+        )
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -309,7 +294,8 @@ class CrossAttention(nn.Module):
         if q_rot is not None:
             q = apply_rotary(q, q_rot)
         dropout_p = self.dropout if self.training else 0.0
-        out = attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask,
+                                             dropout_p=dropout_p)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
