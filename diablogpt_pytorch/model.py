@@ -63,13 +63,20 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, gain, rstd = ctx.saved_tensors
-        x32, g32 = _at_least_fp32(x), _at_least_fp32(grad_out)
-        normed = x32 * rstd
-        grad_gain = (g32 * normed).reshape(-1, x.shape[-1]).sum(0).to(gain.dtype)
-        u = g32 * gain.to(x32.dtype)
-        # d/dx of x * r with r = (mean(x^2) + eps)^-1/2:  r * (u - normed * mean(u * normed))
-        grad_x = rstd * (u - normed * (u * normed).mean(dim=-1, keepdim=True))
-        return grad_x.to(x.dtype), grad_gain, None
+        d = x.shape[-1]
+        x32 = _at_least_fp32(x).reshape(-1, d)
+        g32 = _at_least_fp32(grad_out).reshape(-1, d)
+        r = rstd.reshape(-1, 1).to(x32.dtype)
+        gain32 = gain.to(x32.dtype)
+        # With u = g * gain and r = (mean(x^2) + eps)^-1/2:
+        #   d/dx = r * u - x * r^3 * mean(u * x),   d/dgain = sum over rows of g * x * r.
+        # Both reductions come from one product t = g * x, as matrix products (one pass each), and
+        # d/dx is two more passes: 3 full-size temporaries instead of the composite formula's ~8.
+        t = g32 * x32
+        grad_gain = (r.t() @ t).reshape(d).to(gain.dtype)
+        coef = (r.square() * r) * (t @ gain32)[:, None] / d
+        grad_x = torch.addcmul((g32 * gain32).mul_(r), x32, coef, value=-1)
+        return grad_x.to(x.dtype).reshape(x.shape), grad_gain, None
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -78,48 +85,57 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 
 class _LMHeadLoss(torch.autograd.Function):
     """Summed cross-entropy of ``labels`` (N,) under logits ``hidden (N, d) @ weight.T`` without
-    ever holding the (N, vocab) logits: they are made ``chunk`` rows at a time, in the forward
-    (for the log-sum-exp) and again in the backward (for softmax - one-hot). Only ``hidden``, the
-    labels and one float per row are saved. Rows whose label is ``ignore_index`` count for nothing.
-    Matmuls run in ``compute_dtype`` (bf16 under autocast), the softmax in float32."""
+    ever holding the (N, vocab) logits: they are made ``chunk`` rows at a time. Rows whose label is
+    ``ignore_index`` count for nothing. Matmuls run in ``compute_dtype`` (bf16 under autocast), the
+    softmax in float32.
+
+    With ``with_grads`` the gradients are computed in the forward pass, from the same logits
+    (softmax - one-hot): the loss is a sum, so its gradient is the one computed here times the
+    incoming scalar, and the backward pass only scales. This saves remaking the logits (a third of
+    the head's matmuls) and their float32 round trip; only the two gradients are kept (the size of
+    ``hidden`` and of ``weight``), which the backward pass would allocate anyway."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, chunk: int,
-                compute_dtype: torch.dtype) -> Tensor:
+                compute_dtype: torch.dtype, with_grads: bool) -> Tensor:
         w = weight.to(compute_dtype)
         acc = torch.promote_types(compute_dtype, torch.float32)
         total = hidden.new_zeros((), dtype=acc)
-        lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        if with_grads:
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         for begin in range(0, hidden.shape[0], chunk):
             rows = slice(begin, begin + chunk)
-            logits = _at_least_fp32(hidden[rows].to(compute_dtype) @ w.t())
-            lse[rows] = torch.logsumexp(logits, dim=-1)
+            h = hidden[rows].to(compute_dtype)
+            logits = _at_least_fp32(h @ w.t())
+            lse = torch.logsumexp(logits, dim=-1)
             target = labels[rows]
-            keep = target != ignore_index
-            picked = logits.gather(1, target.clamp(min=0)[:, None]).squeeze(1)
-            total += ((lse[rows] - picked) * keep).sum()
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.ignore_index, ctx.chunk, ctx.compute_dtype = ignore_index, chunk, compute_dtype
+            keep = (target != ignore_index).to(acc)
+            safe_target = target.clamp(min=0)
+            picked = logits.gather(1, safe_target[:, None]).squeeze(1)
+            total += ((lse - picked) * keep).sum()
+            if not with_grads:
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
+            probs[torch.arange(probs.shape[0], device=probs.device), safe_target] -= 1
+            g = probs.mul_(keep[:, None]).to(compute_dtype)
+            grad_hidden[rows] = (g @ w).to(hidden.dtype)
+            if g.dtype == grad_weight.dtype:
+                grad_weight.addmm_(g.t(), h)
+            else:
+                grad_weight += g.t() @ h
+        if with_grads:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+            ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total: Tensor):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        dtype = ctx.compute_dtype
-        w = weight.to(dtype)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
-        for begin in range(0, hidden.shape[0], ctx.chunk):
-            rows = slice(begin, begin + ctx.chunk)
-            h = hidden[rows].to(dtype)
-            probs = _at_least_fp32(h @ w.t()).sub_(lse[rows, None]).exp_()
-            target = labels[rows]
-            probs[torch.arange(probs.shape[0], device=probs.device), target.clamp(min=0)] -= 1
-            probs.mul_(((target != ctx.ignore_index).to(probs.dtype) * grad_total)[:, None])
-            g = probs.to(dtype)
-            grad_hidden[rows] = (g @ w).to(hidden.dtype)
-            grad_weight += (g.t() @ h).to(grad_weight.dtype)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+        if not ctx.saved_tensors:
+            raise RuntimeError("the LM-head loss was computed with with_grads=False: it has no backward")
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_total.to(grad_hidden.dtype), (grad_weight * grad_total).to(ctx.weight_dtype),
+                None, None, None, None, None)
 
 
 class RMSNorm(nn.Module):
@@ -558,12 +574,15 @@ class DIABLOGPT(nn.Module):
         seq, labels = seq[:, :-1], seq[:, 1:]
         hidden = self._run(seq, retrieved, cache=None)
         # The (b, n, num_tokens) logits never exist all at once: the loss makes them loss_chunk
-        # rows at a time, in float32 softmax, and remakes them in the backward pass.
+        # rows at a time, in float32 softmax, and (when gradients are wanted) takes its gradients
+        # from them right away, so the backward pass does not remake them.
         device_type = hidden.device.type
         compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                          else self.to_logits.weight.dtype)
-        total = _LMHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), self.to_logits.weight,
-                                  labels.reshape(-1), self.pad_id, self.loss_chunk, compute_dtype)
+        weight = self.to_logits.weight
+        with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        total = _LMHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                  self.pad_id, self.loss_chunk, compute_dtype, with_grads)
         return total / (labels != self.pad_id).sum().clamp(min=1)
 
     @torch.no_grad()
