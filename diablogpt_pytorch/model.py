@@ -157,8 +157,9 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021). ``forward(positions)`` -> (cos, sin), each
-    (len, dim_head), float32."""
+    """Rotary position embedding (Su et al. 2021). ``forward(positions)`` -> (cos, signed_sin),
+    each (len, dim_head), float32; ``signed_sin`` is sin with its first half negated, so that
+    :func:`apply_rotary` needs no negation pass."""
 
     def __init__(self, dim_head: int, theta: float = 10000.0):
         super().__init__()
@@ -167,16 +168,39 @@ class Rotary(nn.Module):
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        freqs = torch.cat((freqs, freqs), dim=-1)
-        return freqs.cos(), freqs.sin()
+        sin = freqs.sin()
+        return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rotary(x: Tensor, rot: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotate ``x`` (..., len, dim_head) by (cos, sin) (len, dim_head)."""
+def apply_rotary(x: Tensor, rot: tuple[Tensor, Tensor], dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Rotate ``x`` (..., len, dim_head) by ``rot`` = (cos, signed_sin) (len, dim_head):
+    pairs (x_i, x_{i+d/2}) turn by angle theta_i * position. The result has ``dtype`` (default
+    x's); a wider dtype costs no extra pass (the products are formed in it)."""
     cos, sin = rot
+    dtype = dtype or x.dtype
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
+    return torch.addcmul(x * cos.to(dtype), torch.cat((x2, x1), dim=-1), sin.to(dtype)).to(dtype)
+
+
+def _attention_dtype(x: Tensor, causal: bool, num_keys: int) -> torch.dtype:
+    """The dtype attention runs in: x's, except for short non-causal windows in bf16 on CPU (the
+    neighbour self-attention, the encoder's cross-attention and CCA: at most 512 keys), which run
+    in float32: torch's CPU flash-attention backward is 1.4-2.6x slower in bf16 than in float32
+    at those shapes (``benchmarks/bench_attention.py``), while the long causal decoder attention
+    is faster in bf16 and stays so. Inputs, saved tensors and results of those windows are float32;
+    the projections around them stay in bf16."""
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not causal and num_keys <= 512:
+        return torch.float32
+    return x.dtype
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """``F.scaled_dot_product_attention`` in q's dtype: autocast (which would cast float32 inputs
+    back to its lower precision) is switched off around it when q is float32."""
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):
+        with torch.autocast(q.device.type, enabled=False):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 class _GeluDropoutLinear(torch.autograd.Function):
@@ -252,7 +276,10 @@ class SelfAttention(nn.Module):
     ) -> Tensor:
         n = x.shape[1]
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        q, k = apply_rotary(q, rot), apply_rotary(k, rot)
+        out_dtype = q.dtype
+        dtype = _attention_dtype(q, self.causal, n if kv_cache is None else start + n)
+        q, k = apply_rotary(q, rot, dtype), apply_rotary(k, rot, dtype)
+        v = v.to(dtype)
         dropout_p = self.dropout if self.training else 0.0
         attn_mask, is_causal = key_mask, self.causal
         if kv_cache is not None:
@@ -266,10 +293,8 @@ class SelfAttention(nn.Module):
                 if n > 1:  # queries at start..end-1 see keys 0..their own position
                     qpos = torch.arange(start, end, device=x.device)[:, None]
                     attn_mask = torch.arange(end, device=x.device)[None, :] <= qpos
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal and n > 1
-        )
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        out = _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal and n > 1)
+        return self.to_out(rearrange(out.to(out_dtype), "b h n d -> b n (h d)"))
 
 
 class CrossAttention(nn.Module):
@@ -296,8 +321,10 @@ class CrossAttention(nn.Module):
 
     def keys_values(self, context: Tensor, rot: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
         k, v = rearrange(self.to_kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
-        if rot is not None:
-            k = apply_rotary(k, rot)
+        # made in the dtype attend() will use, so that no cast of the keys/values is repeated there
+        dtype = _attention_dtype(k, False, k.shape[-2] + (self.null_k is not None))
+        k = k.to(dtype) if rot is None else apply_rotary(k, rot, dtype)
+        v = v.to(dtype)
         if self.null_k is not None:
             batch = context.shape[0]
             k = torch.cat((self.null_k.to(k.dtype).expand(batch, -1, -1, -1), k), dim=2)
@@ -307,12 +334,12 @@ class CrossAttention(nn.Module):
     def attend(self, x: Tensor, k: Tensor, v: Tensor, q_rot: Optional[tuple[Tensor, Tensor]] = None,
                attn_mask: Optional[Tensor] = None) -> Tensor:
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
-        if q_rot is not None:
-            q = apply_rotary(q, q_rot)
+        out_dtype = q.dtype
+        dtype = _attention_dtype(q, False, k.shape[-2])
+        q = q.to(dtype) if q_rot is None else apply_rotary(q, q_rot, dtype)
         dropout_p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask,
-                                             dropout_p=dropout_p)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        out = _sdpa(q, k.to(dtype), v.to(dtype), attn_mask=attn_mask, dropout_p=dropout_p)
+        return self.to_out(rearrange(out.to(out_dtype), "b h n d -> b n (h d)"))
 
 
 def deepnet_constants(enc_depth: int, dec_depth: int) -> dict[str, float]:

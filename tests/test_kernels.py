@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diablogpt_pytorch.model import _GeluDropoutLinear, _LMHeadLoss, _RMSNormFunction
+from diablogpt_pytorch.model import (DIABLOGPT, Rotary, _attention_dtype, _GeluDropoutLinear, _LMHeadLoss,
+                                     _RMSNormFunction, apply_rotary)
 
 
 def rms_norm_reference(x, gain, eps):
@@ -95,3 +96,56 @@ def test_lm_head_loss_without_grads_gives_the_same_loss_in_bf16():
     ref_h, ref_w = torch.autograd.grad(expected, (hidden, weight))
     torch.testing.assert_close(grad_h, ref_h, rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(grad_w, ref_w, rtol=3e-2, atol=3e-2)
+
+
+def test_rotary_turns_each_pair_by_its_position_angle():
+    d, theta = 8, 10000.0
+    positions = torch.tensor([0, 1, 5, 37])
+    x = torch.randn(2, 4, d, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    out = apply_rotary(x, Rotary(d, theta)(positions), torch.float64)
+    angle = positions[:, None].double() * theta ** (-torch.arange(0, d, 2).double() / d)  # (len, d/2)
+    a, b = x[..., : d // 2], x[..., d // 2:]
+    expected = torch.cat((a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()), dim=-1)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)  # angles are float32
+    # a wider output dtype is the same rotation, not rounded to the input's dtype
+    wide = apply_rotary(x.bfloat16(), Rotary(d, theta)(positions), torch.float32)
+    assert wide.dtype == torch.float32
+    torch.testing.assert_close(wide, apply_rotary(x.bfloat16().float(), Rotary(d, theta)(positions)))
+
+
+def test_short_non_causal_windows_attend_in_float32_under_cpu_bf16_and_agree_with_fp32():
+    bf = torch.zeros(1, dtype=torch.bfloat16)
+    assert _attention_dtype(bf, causal=False, num_keys=257) == torch.float32
+    assert _attention_dtype(bf, causal=True, num_keys=257) == torch.bfloat16
+    assert _attention_dtype(bf, causal=False, num_keys=2048) == torch.bfloat16
+    assert _attention_dtype(bf.float(), causal=False, num_keys=257) == torch.float32
+    torch.manual_seed(0)
+    model = DIABLOGPT(num_tokens=97, max_seq_len=32, enc_dim=32, enc_depth=2, dec_dim=48, dec_depth=2,
+                      dec_cross_attn_layers=(1, 2), heads=2, dim_head=16, chunk_size=8)
+    seq = torch.randint(1, 97, (2, 33))
+    retrieved = torch.randint(1, 97, (2, 4, 2, 16))
+    fp32 = model(seq, retrieved, return_loss=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model(seq, retrieved, return_loss=True)
+    bf16.backward()
+    assert abs(bf16.item() - fp32.item()) / fp32.item() < 0.01
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+    # what actually reaches the attention kernels under autocast (which would otherwise cast the
+    # float32 windows back to bf16): (query length, key length) -> dtype
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = {}
+
+    class RecordAttention(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in str(func) and "backward" not in str(func):
+                seen[(args[0].shape[-2], args[1].shape[-2])] = args[0].dtype
+            return func(*args, **(kwargs or {}))
+
+    with RecordAttention(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(seq, retrieved, return_loss=True)
+    assert seen[(32, 32)] == torch.bfloat16  # causal decoder self-attention
+    assert seen[(16, 16)] == torch.float32  # neighbour self-attention
+    assert seen[(2 * 16, 8)] == torch.float32  # encoder cross-attention to the chunk (K*2C, C)
+    assert seen[(8, 1 + 2 * 16)] == torch.float32  # CCA: a window against null + K*2C
