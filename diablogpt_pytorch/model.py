@@ -39,44 +39,89 @@ __all__ = ["DIABLOGPT", "DecodeCache", "deepnet_constants"]
 # building blocks
 
 
-# torch's fused RMSNorm forward kernel (it also returns the per-row scale; its backward kernel has
-# no CPU implementation, so the backward below is ours); older torch uses the composite formula
-_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
+def _rms_norm_forward(x: Tensor, gain: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x * rsqrt(mean(x^2) + eps) * gain, the per-row scale), the statistics in at least float32
+    and the output in x's dtype: one reduction pass (a vector norm, no squared copy) and one product
+    pass (torch's ``_fused_rms_norm`` is a composite of four passes on CPU)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
+    rstd = rstd.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    return (x * rstd).mul_(gain.to(acc)).to(x.dtype), rstd
+
+
+def _rms_norm_backward(grad_out: Tensor, x: Tensor, gain: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients (for x, for gain) of :func:`_rms_norm_forward` given the saved scale."""
+    d = x.shape[-1]
+    x32 = _at_least_fp32(x).reshape(-1, d)
+    g32 = _at_least_fp32(grad_out).reshape(-1, d)
+    r = rstd.reshape(-1, 1).to(x32.dtype)
+    gain32 = gain.to(x32.dtype)
+    # With u = g * gain and r = (mean(x^2) + eps)^-1/2:
+    #   d/dx = r * u - x * r^3 * mean(u * x),   d/dgain = sum over rows of g * x * r.
+    # Both reductions come from one product t = g * x, as matrix products (one pass each), and
+    # d/dx is two more passes: 3 full-size temporaries instead of the composite formula's ~8.
+    t = g32 * x32
+    grad_gain = (r.t() @ t).reshape(d).to(gain.dtype)
+    coef = (r.square() * r) * (t @ gain32)[:, None] / d
+    grad_x = torch.addcmul((g32 * gain32).mul_(r), x32, coef, value=-1)
+    return grad_x.to(x.dtype).reshape(x.shape), grad_gain
 
 
 class _RMSNormFunction(torch.autograd.Function):
     """y = x * rsqrt(mean(x^2) + eps) * gain, saving only x and the per-row scale for backward
-    (the composite op also keeps the normalised output alive: one more activation per norm).
-    Statistics are computed in at least float32; the output has x's dtype."""
+    (the composite op also keeps the normalised output alive: one more activation per norm)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, gain: Tensor, eps: float) -> Tensor:
-        if _FUSED_RMS_NORM:  # one pass; the kernel accumulates in float32 for bf16 inputs
-            out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], gain.to(x.dtype), eps)
-            ctx.save_for_backward(x, gain, rstd)
-            return out
-        x32 = _at_least_fp32(x)
-        rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+        out, rstd = _rms_norm_forward(x, gain, eps)
         ctx.save_for_backward(x, gain, rstd)
-        return (x32 * rstd * gain.to(x32.dtype)).to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, gain, rstd = ctx.saved_tensors
-        d = x.shape[-1]
-        x32 = _at_least_fp32(x).reshape(-1, d)
-        g32 = _at_least_fp32(grad_out).reshape(-1, d)
-        r = rstd.reshape(-1, 1).to(x32.dtype)
-        gain32 = gain.to(x32.dtype)
-        # With u = g * gain and r = (mean(x^2) + eps)^-1/2:
-        #   d/dx = r * u - x * r^3 * mean(u * x),   d/dgain = sum over rows of g * x * r.
-        # Both reductions come from one product t = g * x, as matrix products (one pass each), and
-        # d/dx is two more passes: 3 full-size temporaries instead of the composite formula's ~8.
-        t = g32 * x32
-        grad_gain = (r.t() @ t).reshape(d).to(gain.dtype)
-        coef = (r.square() * r) * (t @ gain32)[:, None] / d
-        grad_x = torch.addcmul((g32 * gain32).mul_(r), x32, coef, value=-1)
-        return grad_x.to(x.dtype).reshape(x.shape), grad_gain, None
+        return (*_rms_norm_backward(grad_out, *ctx.saved_tensors), None)
+
+
+class _RMSNormLinear(torch.autograd.Function):
+    """linear(rms_norm(x), weight, bias), saving x, the per-row scale and the weights: the
+    normalised input of the linear layer is remade in backward (one elementwise pass) instead of
+    being kept next to x, one (tokens, dim) activation less per pre-norm sub-layer. The matmuls run
+    in ``compute_dtype`` (bf16 under autocast); the norm as in :class:`_RMSNormFunction`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gain: Tensor, eps: float, weight: Tensor, bias: Optional[Tensor],
+                compute_dtype: torch.dtype) -> Tensor:
+        normed, rstd = _rms_norm_forward(x, gain, eps)
+        ctx.save_for_backward(x, gain, rstd, weight)
+        ctx.compute_dtype, ctx.has_bias, ctx.eps = compute_dtype, bias is not None, eps
+        return F.linear(normed.to(compute_dtype), weight.to(compute_dtype),
+                        None if bias is None else bias.to(compute_dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, gain, rstd, weight = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        acc = torch.promote_types(x.dtype, torch.float32)
+        normed = (x * rstd).mul_(gain.to(acc)).to(x.dtype).to(dtype)  # as in the forward pass
+        grad_flat = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        grad_weight = (grad_flat.t() @ normed.reshape(-1, normed.shape[-1])).to(weight.dtype)
+        grad_bias = grad_flat.sum(0).to(weight.dtype) if ctx.has_bias else None
+        grad_normed = (grad_flat @ weight.to(dtype)).reshape(x.shape)
+        grad_x, grad_gain = _rms_norm_backward(grad_normed, x, gain, rstd)
+        return grad_x, grad_gain, None, grad_weight, grad_bias, None
+
+
+def norm_linear(x: Tensor, norm: Optional["RMSNorm"], linear: nn.Linear) -> Tensor:
+    """``linear(norm(x))`` (just ``linear(x)`` when ``norm`` is None), fused for a plain RMSNorm so
+    that only x is kept for backward (:class:`_RMSNormLinear`)."""
+    if norm is None:
+        return linear(x)
+    if norm.gate is not None or not torch.is_grad_enabled():
+        return linear(norm(x))
+    device_type = x.device.type
+    dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+             else torch.promote_types(x.dtype, linear.weight.dtype))
+    return _RMSNormLinear.apply(x, norm.gamma, norm.eps, linear.weight, linear.bias, dtype)
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -245,8 +290,9 @@ class FeedForward(nn.Module):
         self.proj_out = nn.Linear(dim * mult, dim)
         self.dropout = dropout
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.proj_in(x)
+    def forward(self, x: Tensor, norm: Optional["RMSNorm"] = None) -> Tensor:
+        """``x`` (..., dim) -> (..., dim); with ``norm``, of ``norm(x)`` (fused, see :func:`norm_linear`)."""
+        h = norm_linear(x, norm, self.proj_in)
         p = self.dropout if self.training else 0.0
         return _GeluDropoutLinear.apply(h, self.proj_out.weight, self.proj_out.bias, p)
 
@@ -254,7 +300,8 @@ class FeedForward(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention with rotary positions, causal or bidirectional.
 
-    ``forward(x (B, n, dim), rot, kv_cache=None, start=0, key_mask=None)`` -> (B, n, dim).
+    ``forward(x (B, n, dim), rot, kv_cache=None, start=0, key_mask=None, norm=None)`` -> (B, n, dim);
+    with ``norm`` the attention is of ``norm(x)`` (fused into the projection, :func:`norm_linear`).
     With ``kv_cache`` (a pair of (B, h, max_len, dim_head) buffers) the new keys/values are
     written at [start, start+n) and the queries attend to [0, start+n).
     """
@@ -273,13 +320,16 @@ class SelfAttention(nn.Module):
         kv_cache: Optional[tuple[Tensor, Tensor]] = None,
         start: int = 0,
         key_mask: Optional[Tensor] = None,
+        norm: Optional["RMSNorm"] = None,
     ) -> Tensor:
         n = x.shape[1]
-        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k, v = rearrange(norm_linear(x, norm, self.to_qkv), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         out_dtype = q.dtype
         dtype = _attention_dtype(q, self.causal, n if kv_cache is None else start + n)
         q, k = apply_rotary(q, rot, dtype), apply_rotary(k, rot, dtype)
-        v = v.to(dtype)
+        # a copy of v, not a view: attention saves v for backward, and a view would keep the
+        # whole (tokens, 3 * inner) projection alive with it
+        v = v.to(dtype).contiguous()
         dropout_p = self.dropout if self.training else 0.0
         attn_mask, is_causal = key_mask, self.causal
         if kv_cache is not None:
@@ -302,7 +352,7 @@ class CrossAttention(nn.Module):
 
     ``keys_values(context (B, L, context_dim), rot=None)`` -> (k, v), each (B, h, L [+1], dim_head),
     with a learned null key/value prepended when ``null_kv``.
-    ``attend(x (B, n, dim), k, v, q_rot=None, attn_mask=None)`` -> (B, n, dim).
+    ``attend(x (B, n, dim), k, v, q_rot=None, attn_mask=None, norm=None)`` -> (B, n, dim).
     """
 
     def __init__(self, dim: int, context_dim: int, heads: int, dim_head: int, dropout: float,
@@ -332,8 +382,8 @@ class CrossAttention(nn.Module):
         return k, v
 
     def attend(self, x: Tensor, k: Tensor, v: Tensor, q_rot: Optional[tuple[Tensor, Tensor]] = None,
-               attn_mask: Optional[Tensor] = None) -> Tensor:
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+               attn_mask: Optional[Tensor] = None, norm: Optional["RMSNorm"] = None) -> Tensor:
+        q = rearrange(norm_linear(x, norm, self.to_q), "b n (h d) -> b h n d", h=self.heads)
         out_dtype = q.dtype
         dtype = _attention_dtype(q, False, k.shape[-2])
         q = q.to(dtype) if q_rot is None else apply_rotary(q, q_rot, dtype)
@@ -367,6 +417,12 @@ class Residual(nn.Module):
     def pre(self, x: Tensor) -> Tensor:
         """The input the sub-layer function sees."""
         return x if self.alpha is not None else self.norm(x)
+
+    @property
+    def in_norm(self) -> Optional["RMSNorm"]:
+        """The norm a sub-layer applies to its input itself (pre-norm), fused into its first
+        projection (:func:`norm_linear`): ``fn(x, norm=in_norm)`` equals ``fn(pre(x))``."""
+        return None if self.alpha is not None else self.norm
 
     def post(self, x: Tensor, out: Optional[Tensor]) -> Tensor:
         """Combine the residual stream with the sub-layer output (None: the sub-layer is off)."""
@@ -448,13 +504,13 @@ class Encoder(nn.Module):
         key_mask = real | eye
         context = self.context_norm(context.reshape(b * m, -1, context.shape[-1]))
         for attn, cross, ff in self.layers:
-            x = attn.post(x, attn.fn(attn.pre(x), rot, key_mask=key_mask))
+            x = attn.post(x, attn.fn(x, rot, key_mask=key_mask, norm=attn.in_norm))
             if cross is not None:
                 x = x.reshape(b * m, k * length, dim)
                 ck, cv = cross.fn.keys_values(context)
-                x = cross.post(x, cross.fn.attend(cross.pre(x), ck, cv))
+                x = cross.post(x, cross.fn.attend(x, ck, cv, norm=cross.in_norm))
                 x = x.reshape(b * m * k, length, dim)
-            x = ff.post(x, ff.fn(ff.pre(x)))
+            x = ff.post(x, ff.fn(x, norm=ff.in_norm))
         return self.final_norm(x).reshape(b, m, k * length, dim)
 
 
@@ -664,7 +720,7 @@ class DIABLOGPT(nn.Module):
         cca_index = 0
         for layer_id, (attn, cca, ff) in enumerate(self.layers):
             kv_cache = cache.self_kv[layer_id] if cache is not None else None
-            x = attn.post(x, attn.fn(attn.pre(x), rot, kv_cache=kv_cache, start=start))
+            x = attn.post(x, attn.fn(x, rot, kv_cache=kv_cache, start=start, norm=attn.in_norm))
             if cca is not None and use_retrieval:
                 if layer_id == first_cca:
                     cca_state = self._encode_new_chunks(x, retrieved, new_chunks, cache)
@@ -673,7 +729,7 @@ class DIABLOGPT(nn.Module):
                 cca_index += 1
             elif cca is not None:
                 x = cca.post(x, None)  # retrieval off: CCA contributes nothing
-            x = ff.post(x, ff.fn(ff.pre(x)))
+            x = ff.post(x, ff.fn(x, norm=ff.in_norm))
         if cache is not None:
             cache.length = end
         return self.final_norm(x)

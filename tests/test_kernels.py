@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diablogpt_pytorch.model import (DIABLOGPT, Rotary, _attention_dtype, _GeluDropoutLinear, _LMHeadLoss,
-                                     _RMSNormFunction, apply_rotary)
+from diablogpt_pytorch.model import (DIABLOGPT, RMSNorm, Rotary, _attention_dtype, _GeluDropoutLinear,
+                                     _LMHeadLoss, _RMSNormFunction, _RMSNormLinear, apply_rotary, norm_linear)
 
 
 def rms_norm_reference(x, gain, eps):
@@ -41,6 +41,44 @@ def test_rms_norm_matches_the_composite_formula(dtype):
     assert ours_grads[0].dtype == dtype and ours_grads[1].dtype == torch.float32
     torch.testing.assert_close(ours_grads[0].double(), ref_grads[0], **tol)
     torch.testing.assert_close(ours_grads[1].double(), ref_grads[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_norm_linear_passes_gradcheck(bias):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    gain = (torch.rand(6, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = (x, gain, w) + ((b,) if bias else ())
+
+    def fused(x, gain, w, b=None):
+        return _RMSNormLinear.apply(x, gain, 1e-6, w, b, torch.float64)
+
+    assert torch.autograd.gradcheck(fused, inputs)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_norm_linear_equals_norm_then_linear(autocast):
+    torch.manual_seed(8)
+    norm, linear = RMSNorm(24), torch.nn.Linear(24, 40)
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 1.5)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    grad_out = torch.randn(3, 7, 40)
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = norm_linear(x, norm, linear) if fused else linear(norm(x))
+        params = (x, norm.gamma, linear.weight, linear.bias)
+        results.append((out, torch.autograd.grad(out, params, grad_out.to(out.dtype))))
+    (out_f, grads_f), (out_u, grads_u) = results
+    assert out_f.dtype == out_u.dtype == (torch.bfloat16 if autocast else torch.float32)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_f, out_u, **tol)
+    for a, b in zip(grads_f, grads_u):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_gelu_linear_backward_passes_gradcheck():
