@@ -13,6 +13,17 @@ HERE = Path(__file__).resolve().parent
 GiB = 2 ** 30
 
 
+def _optimizer_sentence(tr) -> str:
+    runs = (tr or {}).get("runs", {})
+    ours = (runs.get("ours_fp32") or {}).get("optimizer")
+    ref = (runs.get("ref_fp32") or {}).get("optimizer")
+    if (tr or {}).get("optimizer") == "plain":
+        return f"built the same way for both (`torch.optim.AdamW(model.parameters())`: {ours})"
+    return ("from each library's own `get_optimizer`, as its users get it (ours: "
+            f"{ours or '?'}; reference: {ref or '?'}); `--optimizer plain` gives both plain "
+            "`torch.optim.AdamW(model.parameters())`")
+
+
 def _f(x, fmt="{:.2f}", none="n/a"):
     return none if x is None else fmt.format(x)
 
@@ -51,8 +62,8 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
                              "dec_cross_attn_layers", "heads", "dim_head", "num_tokens"))
         + f", batch 1, K = {results.get('k', 2)} neighbours per chunk (retrieved (1, "
         f"{cfg.get('max_seq_len', 2048) // cfg.get('chunk_size', 64)}, {results.get('k', 2)}, "
-        f"{2 * cfg.get('chunk_size', 64)})); the same random batch, the same optimizer (torch "
-        "AdamW, lr 3e-4, weight decay 0.1).",
+        f"{2 * cfg.get('chunk_size', 64)})); the same random batch; AdamW, lr 3e-4, weight decay "
+        "0.1, " + _optimizer_sentence(parts.get("train")) + ".",
         "Each measurement runs in a fresh process (`benchmarks/_worker.py`) of the library's own "
         "venv, after a warm-up step; ours and the reference alternate; figures are medians over "
         "rounds. The machine is shared, so absolute times move between runs; the ratios, measured "

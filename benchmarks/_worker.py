@@ -85,9 +85,21 @@ def make_batch(cfg: dict, batch: int, k: int, seed: int) -> tuple[torch.Tensor, 
     return seq, retrieved
 
 
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    # the same optimizer for both libraries: plain AdamW, default (foreach) implementation
-    return torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+def make_optimizer(lib: str, model: torch.nn.Module, kind: str = "own") -> torch.optim.Optimizer:
+    """AdamW, lr 3e-4, weight decay 0.1, as each library's user gets it (``kind='own'``: its own
+    ``get_optimizer``; ours picks torch's fused AdamW kernel, the reference torch's default
+    implementation, a per-tensor loop on CPU) or, with ``kind='plain'``, ``torch.optim.AdamW(model.parameters())`` for both."""
+    if kind == "plain":
+        return torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    if kind != "own":
+        raise ValueError(f"optimizer kind must be 'own' or 'plain', got {kind!r}")
+    if lib == "ours":
+        from diablogpt_pytorch.training import get_optimizer
+
+        return get_optimizer(model, lr=3e-4, wd=0.1)
+    from retro_pytorch.optimizer import get_optimizer
+
+    return get_optimizer(model.parameters(), lr=3e-4, wd=0.1)
 
 
 def train_step(model, opt, seq, retrieved, dtype: str) -> float:
@@ -109,7 +121,7 @@ def task_train(t: dict) -> dict:
     torch.set_num_threads(t.get("threads") or torch.get_num_threads())
     rss_start = peak_rss_bytes()
     model = build_model(t["lib"], t["cfg"], t["seed"])
-    opt = make_optimizer(model)
+    opt = make_optimizer(t["lib"], model, t.get("optimizer", "own"))
     seq, retrieved = make_batch(t["cfg"], t["batch"], t["k"], t["seed"] + 1)
     rss_built = peak_rss_bytes()
     losses, step_s, step_cpu_s = [], [], []
@@ -132,7 +144,16 @@ def task_train(t: dict) -> dict:
         "rss_at_start_bytes": rss_start,
         "params": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(),
+        "optimizer": _describe_optimizer(opt),
     }
+
+
+def _describe_optimizer(opt: torch.optim.Optimizer) -> str:
+    group = opt.param_groups[0]
+    impl = ("fused kernel" if group.get("fused") else "foreach" if group.get("foreach")
+            else "torch's default implementation")
+    decays = sorted({g["weight_decay"] for g in opt.param_groups})
+    return f"{type(opt).__name__} ({impl}), lr {group['lr']}, weight decay {decays}"
 
 
 def task_profile(t: dict) -> dict:
@@ -141,7 +162,7 @@ def task_profile(t: dict) -> dict:
 
     torch.set_num_threads(t.get("threads") or torch.get_num_threads())
     model = build_model(t["lib"], t["cfg"], t["seed"])
-    opt = make_optimizer(model)
+    opt = make_optimizer(t["lib"], model, t.get("optimizer", "own"))
     seq, retrieved = make_batch(t["cfg"], t["batch"], t["k"], t["seed"] + 1)
     for _ in range(t["warmup"]):
         train_step(model, opt, seq, retrieved, t["dtype"])

@@ -209,7 +209,7 @@ def ratio(a, b):
 def part_train(runner: Runner, args, cfg: dict) -> dict:
     """Alternating rounds: ours fp32, ref fp32, ours bf16, ref bf16 (order flipped every round)."""
     base = dict(kind="train", cfg=cfg, seed=args.seed, batch=1, k=args.k, warmup=args.warmup,
-                steps=1, matmul_n=args.matmul_n, matmul_reps=3)
+                steps=1, matmul_n=args.matmul_n, matmul_reps=3, optimizer=args.optimizer)
     runs = {f"{lib}_{dt}": [] for lib in ("ours", "ref") for dt in args.dtypes}
     for r in range(args.rounds):
         libs = ("ours", "ref") if r % 2 == 0 else ("ref", "ours")
@@ -221,7 +221,7 @@ def part_train(runner: Runner, args, cfg: dict) -> dict:
                 log(f"  step {res['step_s'][0]:.2f} s (cpu {res['step_cpu_s'][0]:.1f} s), "
                     f"peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB")
     out = {"config": cfg, "batch": 1, "k": args.k, "rounds": args.rounds, "warmup": args.warmup,
-           "runs": {}}
+           "optimizer": args.optimizer, "runs": {}}
     for key, rs in runs.items():
         out["runs"][key] = {
             "step_s": [x["step_s"][0] for x in rs], "step_cpu_s": [x["step_cpu_s"][0] for x in rs],
@@ -229,6 +229,7 @@ def part_train(runner: Runner, args, cfg: dict) -> dict:
             "median_step_s": median([x["step_s"][0] for x in rs]),
             "median_peak_rss_bytes": median([x["peak_rss_bytes"] for x in rs]),
             "params": rs[0]["params"], "first_losses": rs[0]["losses"],
+            "optimizer": rs[0].get("optimizer"),
             "matmul_flops_per_s": [(x.get("matmul") or {}).get("flops_per_s_median") for x in rs],
         }
     R = out["runs"]
@@ -462,6 +463,9 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.0,
                    help="all four dropout rates, same for both libraries (the seed uses 0.25 in the decoder)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer", choices=("own", "plain"), default="own",
+                   help="training-step AdamW: each library's own get_optimizer (default) or plain "
+                        "torch.optim.AdamW(model.parameters()) for both")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--curve-steps", type=int, default=20)
     p.add_argument("--curve-seq-len", type=int, default=512,
