@@ -128,6 +128,9 @@ def _at_least_fp32(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+_LM_HEAD_GROUP_ROWS = 2048  # see _LMHeadLoss.forward
+
+
 class _LMHeadLoss(torch.autograd.Function):
     """Summed cross-entropy of ``labels`` (N,) under logits ``hidden (N, d) @ weight.T`` without
     ever holding the (N, vocab) logits: they are made ``chunk`` rows at a time. Rows whose label is
@@ -146,29 +149,46 @@ class _LMHeadLoss(torch.autograd.Function):
         w = weight.to(compute_dtype)
         acc = torch.promote_types(compute_dtype, torch.float32)
         total = hidden.new_zeros((), dtype=acc)
+        n = hidden.shape[0]
         if with_grads:
             grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        for begin in range(0, hidden.shape[0], chunk):
-            rows = slice(begin, begin + chunk)
-            h = hidden[rows].to(compute_dtype)
-            logits = _at_least_fp32(h @ w.t())
-            lse = torch.logsumexp(logits, dim=-1)
-            target = labels[rows]
-            keep = (target != ignore_index).to(acc)
-            safe_target = target.clamp(min=0)
-            picked = logits.gather(1, safe_target[:, None]).squeeze(1)
-            total += ((lse - picked) * keep).sum()
-            if not with_grads:
-                continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
-            probs[torch.arange(probs.shape[0], device=probs.device), safe_target] -= 1
-            g = probs.mul_(keep[:, None]).to(compute_dtype)
-            grad_hidden[rows] = (g @ w).to(hidden.dtype)
-            if g.dtype == grad_weight.dtype:
-                grad_weight.addmm_(g.t(), h)
-            else:
-                grad_weight += g.t() @ h
+            grad_weight = (torch.zeros(weight.shape, dtype=acc, device=weight.device)
+                           if compute_dtype == acc else None)
+        # In a lower-precision compute dtype, the weight gradient is one matmul per group of rows
+        # (the gradient logits of up to _LM_HEAD_GROUP_ROWS rows are kept in that dtype): one
+        # rounding and one accumulation per group instead of one per chunk. In float32 each chunk
+        # accumulates straight into the gradient (addmm_, no temporary).
+        group = n if not with_grads or compute_dtype == acc else max(chunk, _LM_HEAD_GROUP_ROWS)
+        for group_begin in range(0, n, group):
+            group_end = min(n, group_begin + group)
+            if with_grads and compute_dtype != acc:
+                grad_logits = torch.empty(group_end - group_begin, w.shape[0], dtype=compute_dtype,
+                                          device=hidden.device)
+            for begin in range(group_begin, group_end, chunk):
+                rows = slice(begin, min(begin + chunk, group_end))
+                h = hidden[rows].to(compute_dtype)
+                logits = _at_least_fp32(h @ w.t())
+                lse = torch.logsumexp(logits, dim=-1)
+                target = labels[rows]
+                keep = (target != ignore_index).to(acc)
+                safe_target = target.clamp(min=0)
+                picked = logits.gather(1, safe_target[:, None]).squeeze(1)
+                total += ((lse - picked) * keep).sum()
+                if not with_grads:
+                    continue
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
+                probs[torch.arange(probs.shape[0], device=probs.device), safe_target] -= 1
+                probs.mul_(keep[:, None])
+                if compute_dtype == acc:
+                    grad_hidden[rows] = (probs @ w).to(hidden.dtype)
+                    grad_weight.addmm_(probs.t(), h)
+                else:
+                    g = grad_logits[begin - group_begin: rows.stop - group_begin]
+                    g.copy_(probs)
+                    grad_hidden[rows] = (g @ w).to(hidden.dtype)
+            if with_grads and compute_dtype != acc:
+                part = grad_logits.t() @ hidden[group_begin:group_end].to(compute_dtype)
+                grad_weight = part.to(acc) if grad_weight is None else grad_weight.add_(part)
         if with_grads:
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.weight_dtype = weight.dtype
@@ -713,7 +733,15 @@ class DIABLOGPT(nn.Module):
                    else f"no chunk completes in positions [{start}, {end})")
             )
 
-        x = self.token_emb(tokens)
+        neighbour_emb = None
+        if use_retrieval and new_chunks > 0 and torch.is_grad_enabled() and self.token_emb.weight.requires_grad:
+            # one lookup for the tokens and the neighbours: one embedding gradient (a vocabulary-
+            # sized buffer) in backward instead of two and their sum
+            both = self.token_emb(torch.cat((tokens.reshape(-1), retrieved.reshape(-1))))
+            x, neighbour_emb = both[: tokens.numel()].view(b, n, -1), both[tokens.numel():]
+            neighbour_emb = neighbour_emb.view(*retrieved.shape, -1)
+        else:
+            x = self.token_emb(tokens)
         rot = self.rotary(torch.arange(start, end, device=tokens.device))
         cca_state = None  # (keys, values, mask) of all chunks so far, for every CCA layer
         first_cca = self.cca_layer_ids[0]
@@ -723,7 +751,7 @@ class DIABLOGPT(nn.Module):
             x = attn.post(x, attn.fn(x, rot, kv_cache=kv_cache, start=start, norm=attn.in_norm))
             if cca is not None and use_retrieval:
                 if layer_id == first_cca:
-                    cca_state = self._encode_new_chunks(x, retrieved, new_chunks, cache)
+                    cca_state = self._encode_new_chunks(x, retrieved, new_chunks, cache, neighbour_emb)
                 out = self._chunked_cross_attention(cca, cca_index, x, start, cca_state)
                 x = cca.post(x, out)
                 cca_index += 1
@@ -750,7 +778,7 @@ class DIABLOGPT(nn.Module):
         return retrieved[:, :chunks]
 
     def _encode_new_chunks(self, h: Tensor, retrieved: Optional[Tensor], new_chunks: int,
-                           cache: Optional[DecodeCache]) -> tuple:
+                           cache: Optional[DecodeCache], neighbour_emb: Optional[Tensor] = None) -> tuple:
         """Encode the neighbours of the chunks completing in this call (context: the decoder hidden
         states ``h`` at the first CCA layer) and compute every CCA layer's keys/values.
 
@@ -768,7 +796,9 @@ class DIABLOGPT(nn.Module):
         context = rearrange(h_all[:, : new_chunks * C], "b (m c) d -> b m c d", c=C)
         b, m, k, length = retrieved.shape
         pad_mask = retrieved == self.pad_id
-        neighbours = self.to_enc(self.token_emb(retrieved))
+        if neighbour_emb is None:
+            neighbour_emb = self.token_emb(retrieved)
+        neighbours = self.to_enc(neighbour_emb)
         encoded = self.encoder(neighbours, pad_mask, context)  # (b, m, K*2C, enc_dim)
 
         rot = self.rotary(torch.arange(length, device=h.device).repeat(k))  # positions within each neighbour
