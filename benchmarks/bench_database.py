@@ -2,7 +2,7 @@
 
 Reports, separately:
   - chunking   chunks/s (read + tokenize + write memmaps),
-  - embedding  chunks/s in float32 and bfloat16 autocast, and the embedding FLOP/s against this
+  - embedding  chunks/s in float32 and bfloat16 (bf16 weights), and the embedding FLOP/s against this
                machine's measured matmul FLOP/s in the same dtype (a large square matmul),
   - indexing   seconds for the exact index,
   - search     chunks/s of chunks_to_precalculated_knn_ (embeddings and index already built),
@@ -96,8 +96,10 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def time_embedding(tokens: torch.Tensor, dtype: str, batch_size: int) -> tuple[np.ndarray, float, float]:
-    """Embed ``tokens`` (N, C); returns (normalised vectors, seconds, FLOPs actually computed)."""
+def time_embedding(tokens: torch.Tensor, dtype: str, batch_size: int | None) -> tuple[np.ndarray, float, float]:
+    """Embed ``tokens`` (N, C); returns (normalised vectors, seconds, FLOPs actually computed).
+    ``batch_size`` None: the library's default rows per forward (``embedder.forward_batch_size``)."""
+    batch_size = batch_size or emb.forward_batch_size("cpu")
     info = emb.tokenizer_info()
     model = emb.get_bert()
     emb.embed_chunks(tokens[:batch_size], dtype=dtype, batch_size=batch_size)  # warm-up
@@ -124,7 +126,8 @@ def main() -> None:
     parser.add_argument("--knn", type=int, default=2)
     parser.add_argument("--subset", type=int, default=2048,
                         help="chunks embedded in both dtypes for speed and agreement")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="rows per BERT forward in the dtype comparison (default: the library's)")
     parser.add_argument("--db-dtype", default="auto", help="dtype used to embed the database")
     parser.add_argument("--max-chunks", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -190,7 +193,7 @@ def main() -> None:
 
         start = time.perf_counter()
         _, embeddings = retrieval.chunks_to_index_and_embed(
-            n, args.chunk_size, chunks_path, chunks_to_embeddings_batch_size=args.batch_size,
+            n, args.chunk_size, chunks_path, chunks_to_embeddings_batch_size=256,
             dtype=args.db_dtype, max_index_memory_usage="4G")
         seconds = time.perf_counter() - start
         start = time.perf_counter()
@@ -206,7 +209,7 @@ def main() -> None:
         start = time.perf_counter()
         knn_path, _ = retrieval.chunks_to_precalculated_knn_(
             args.knn, n, args.chunk_size, chunks_path, doc_path, num_extra_neighbors=10,
-            chunks_to_embeddings_batch_size=args.batch_size, dtype=args.db_dtype,
+            chunks_to_embeddings_batch_size=256, dtype=args.db_dtype,
             max_index_memory_usage="4G")
         seconds = time.perf_counter() - start
         knn = np.fromfile(knn_path, dtype=np.int32).reshape(n, args.knn)

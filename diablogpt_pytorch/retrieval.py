@@ -386,9 +386,14 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
 
 
 def _embedding_settings(embedder: Optional[str], use_cls_repr: bool, dtype, device) -> dict[str, Any]:
-    return {"embedder": emb.embedder_identity(embedder), "embedder_name": emb.resolve_embedder(embedder),
-            "pooling": "cls" if use_cls_repr else "mean",
-            "dtype": str(emb.resolve_dtype(dtype, device)).replace("torch.", ""), "normalized": True}
+    settings = {"embedder": emb.embedder_identity(embedder), "embedder_name": emb.resolve_embedder(embedder),
+                "pooling": "cls" if use_cls_repr else "mean",
+                "dtype": str(emb.resolve_dtype(dtype, device)).replace("torch.", ""), "normalized": True}
+    if settings["dtype"] == "bfloat16":
+        # how bf16 is computed (bf16 weights since this key exists; autocast before): embeddings
+        # made the old way do not count as up to date
+        settings["bf16_mode"] = "weights"
+    return settings
 
 
 def _check_embedder_matches_chunks(chunk_memmap_path: PathLike, embedder: Optional[str]) -> None:
@@ -411,7 +416,7 @@ def _embed_memmap(chunks: np.memmap, out_path: Path, *, embedder, device, use_cl
             block = torch.from_numpy(np.array(chunks[start:start + batch_size, : width - 1]))
             out[start:start + len(block)] = emb.embed_chunks(
                 block, embedder, device, return_cls_repr=use_cls_repr, dtype=dtype,
-                batch_size=batch_size, normalize=True).numpy()
+                normalize=True).numpy()
         out.flush()
         del out
 
@@ -431,6 +436,8 @@ def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_pat
     else autofaiss under that budget and ``current_memory_available``.
 
     Args:
+        chunks_to_embeddings_batch_size: chunks read, embedded and written per step (the embedder
+            runs them ``embedder.forward_batch_size(device)`` rows per forward).
         embed_dim: if given, checked against the embedder's hidden size.
         embedder, device, dtype, use_cls_repr: how chunks are embedded (recorded in the sidecars,
             reused at query time by :class:`Retriever` and :func:`query_chunks_to_knn_`).

@@ -88,7 +88,8 @@ class TrainingWrapper:
         device: where evaluation and generation run (default: the model's device).
         embed_device: where the embedder runs while building (default: ``device``).
         bf16: bfloat16 autocast in ``autocast()``, ``evaluate`` and ``generate``.
-        embed_batch_size: chunks per embedder forward pass; index_batch_size: queries per faiss
+        embed_batch_size: chunks embedded and written per step (the embedder runs them
+            embedder.forward_batch_size() rows at a time); index_batch_size: queries per faiss
             search; embed_dtype: embedder precision ('float32' or 'bfloat16'; default: the
             retrieval module's default).
 
