@@ -82,33 +82,54 @@ class _RMSNormFunction(torch.autograd.Function):
         return (*_rms_norm_backward(grad_out, *ctx.saved_tensors), None)
 
 
+def _scale_rows(x: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x * scale`` (per-row scale, at least float32) in ``dtype``. When x already has that lower
+    precision the product is formed there in one pass (the scale rounded to it: a relative error of
+    one bf16 rounding, as the product's own), instead of through a float32 copy of x."""
+    if x.dtype == dtype and dtype in (torch.bfloat16, torch.float16):
+        return x * scale.to(dtype)
+    return (x * scale).to(dtype)
+
+
 class _RMSNormLinear(torch.autograd.Function):
-    """linear(rms_norm(x), weight, bias), saving x, the per-row scale and the weights: the
-    normalised input of the linear layer is remade in backward (one elementwise pass) instead of
-    being kept next to x, one (tokens, dim) activation less per pre-norm sub-layer. The matmuls run
-    in ``compute_dtype`` (bf16 under autocast); the norm as in :class:`_RMSNormFunction`."""
+    """linear(rms_norm(x) * gain, weight, bias), computed as linear(x * r, weight * gain, bias)
+    with r = rsqrt(mean(x^2) + eps): the gain is folded into the weight's columns (a weight-sized
+    product instead of a token-sized one) and the normalised input is written once, straight in
+    ``compute_dtype`` (from a bf16 x: one pass, no float32 copy; see :func:`_scale_rows`). Only x, the per-row
+    scale and the weights are saved; the normalised input is remade in backward instead of being
+    kept next to x (one (tokens, dim) activation less per pre-norm sub-layer). Statistics and the
+    norm's backward run in at least float32."""
 
     @staticmethod
     def forward(ctx, x: Tensor, gain: Tensor, eps: float, weight: Tensor, bias: Optional[Tensor],
                 compute_dtype: torch.dtype) -> Tensor:
-        normed, rstd = _rms_norm_forward(x, gain, eps)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
+        rstd = rstd.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        normed = _scale_rows(x, rstd, compute_dtype)
         ctx.save_for_backward(x, gain, rstd, weight)
-        ctx.compute_dtype, ctx.has_bias, ctx.eps = compute_dtype, bias is not None, eps
-        return F.linear(normed.to(compute_dtype), weight.to(compute_dtype),
+        ctx.compute_dtype, ctx.has_bias = compute_dtype, bias is not None
+        return F.linear(normed, (weight * gain.to(weight.dtype)).to(compute_dtype),
                         None if bias is None else bias.to(compute_dtype))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, gain, rstd, weight = ctx.saved_tensors
         dtype = ctx.compute_dtype
-        acc = torch.promote_types(x.dtype, torch.float32)
-        normed = (x * rstd).mul_(gain.to(acc)).to(x.dtype).to(dtype)  # as in the forward pass
+        d = x.shape[-1]
+        normed = _scale_rows(x, rstd, dtype)
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-        grad_weight = (grad_flat.t() @ normed.reshape(-1, normed.shape[-1])).to(weight.dtype)
+        # y = normed @ (weight * gain).T: gradients of the folded weight, then of weight and gain
+        grad_folded = (grad_flat.t() @ normed.reshape(-1, d)).to(weight.dtype)
+        grad_weight = grad_folded * gain.to(weight.dtype)
+        grad_gain = (grad_folded * weight).sum(0).to(gain.dtype)
         grad_bias = grad_flat.sum(0).to(weight.dtype) if ctx.has_bias else None
-        grad_normed = (grad_flat @ weight.to(dtype)).reshape(x.shape)
-        grad_x, grad_gain = _rms_norm_backward(grad_normed, x, gain, rstd)
-        return grad_x, grad_gain, None, grad_weight, grad_bias, None
+        grad_normed = (grad_flat @ (weight * gain.to(weight.dtype)).to(dtype)).reshape(x.shape)
+        # through normed = x * r:  d/dx = r * u - x * r^3 * mean(u * x),  u = grad_normed
+        s = torch.mul(grad_normed, x).sum(-1, keepdim=True, dtype=rstd.dtype)
+        coef = rstd.square() * rstd * s / d
+        grad_x = torch.addcmul(grad_normed * rstd, x, coef, value=-1)
+        return grad_x.to(x.dtype), grad_gain, None, grad_weight, grad_bias, None
 
 
 def norm_linear(x: Tensor, norm: Optional["RMSNorm"], linear: nn.Linear) -> Tensor:
@@ -269,9 +290,11 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
 
 
 class _GeluDropoutLinear(torch.autograd.Function):
-    """out = linear(dropout(gelu(h)), weight, bias), saving h and the dropout mask instead of the
-    activated hidden layer, which backward recomputes (cheap, elementwise): one (tokens, 4 * dim)
-    activation less per feed-forward block. Matmuls run in h's dtype (bf16 under autocast)."""
+    """out = linear(dropout(gelu(h)), weight, bias). In float32 it saves h and the dropout mask, not
+    the activated hidden layer, which backward recomputes (elementwise): one (tokens, 4 * dim)
+    activation less per feed-forward block. In a lower precision (bf16 under autocast) the
+    activation is half the size and the recompute a larger share of the step, so it is kept.
+    Matmuls run in h's dtype."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, p: float) -> Tensor:
@@ -281,28 +304,30 @@ class _GeluDropoutLinear(torch.autograd.Function):
             mask = torch.empty_like(a, dtype=torch.bool).bernoulli_(1 - p)
             a = a * mask / (1 - p)
         ctx.p = p
-        ctx.save_for_backward(h, weight, bias, mask)
+        keep_activation = h.dtype in (torch.bfloat16, torch.float16)
+        ctx.save_for_backward(h, weight, bias, mask, a if keep_activation else None)
         return F.linear(a, weight.to(a.dtype), bias.to(a.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        h, weight, bias, mask = ctx.saved_tensors
-        with torch.enable_grad():
-            h_ = h.detach().requires_grad_()
-            a = F.gelu(h_)
-        a_value = a.detach() if mask is None else a.detach() * mask / (1 - ctx.p)
+        h, weight, bias, mask, a = ctx.saved_tensors
+        if a is None:  # recompute the activation (float32: it was not kept)
+            a = F.gelu(h)
+            if mask is not None:
+                a = a * mask / (1 - ctx.p)
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_weight = (grad_flat.t() @ a_value.reshape(-1, a_value.shape[-1]).to(grad_flat.dtype)).to(weight.dtype)
+        grad_weight = (grad_flat.t() @ a.reshape(-1, a.shape[-1]).to(grad_flat.dtype)).to(weight.dtype)
         grad_bias = grad_flat.sum(0).to(bias.dtype)
-        grad_a = (grad_out @ weight.to(grad_out.dtype)).to(a.dtype)
+        grad_a = (grad_out @ weight.to(grad_out.dtype)).to(h.dtype)
         if mask is not None:
             grad_a = grad_a * mask / (1 - ctx.p)
-        (grad_h,) = torch.autograd.grad(a, h_, grad_a)
+        grad_h = torch.ops.aten.gelu_backward(grad_a, h)
         return grad_h, grad_weight, grad_bias, None
 
 
 class FeedForward(nn.Module):
-    """Linear -> GELU -> dropout -> Linear, with the activated hidden layer recomputed in backward."""
+    """Linear -> GELU -> dropout -> Linear (the activated hidden layer is recomputed in backward in
+    float32; see :class:`_GeluDropoutLinear`)."""
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
