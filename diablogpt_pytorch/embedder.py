@@ -22,6 +22,7 @@ transformers is imported inside the functions, so importing this module stays li
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -148,9 +149,26 @@ def _bert(name: str, device: str, allow_download: bool, dtype: torch.dtype = tor
 
 def get_bert(name: Optional[str] = None, device: Union[str, torch.device] = "cpu",
              allow_download: bool = False, dtype: torch.dtype = torch.float32):
-    """The (cached) frozen BERT of embedder ``name`` on ``device``, in eval mode, with its weights
-    in ``dtype`` (float32, or bfloat16 for :func:`bert_forward`'s bf16 path)."""
+    """The (cached) frozen transformers BERT of embedder ``name`` on ``device``, in eval mode, with
+    its weights in ``dtype``."""
     return _bert(resolve_embedder(name), str(torch.device(device)), bool(allow_download), dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _encoder(name: str, device: str, dtype: torch.dtype):
+    """What :func:`bert_forward` runs: the lean BERT of ``diablogpt_pytorch._bert`` when the
+    checkpoint is a standard BERT in safetensors (no transformers modeling import: ~2 s less
+    start-up), else transformers' ``BertModel``."""
+    from diablogpt_pytorch import _bert as lean
+
+    try:
+        model = lean.load(_location(name, False), device, dtype)
+    except OSError:  # not available locally: get_bert below raises the explanatory error
+        model = None
+    if model is None:
+        logger.info("embedder %s: using transformers' BertModel", name)
+        return _bert(name, device, False, dtype)
+    return model
 
 
 def tokenizer_info(name: Optional[str] = None) -> TokenizerInfo:
@@ -226,12 +244,12 @@ def bert_forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, name:
     """
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
-    model = get_bert(name, device, dtype=dtype)
+    model = _encoder(resolve_embedder(name), str(device), dtype)
     ids = input_ids.to(device=device, dtype=torch.long)
     mask = attention_mask.to(device=device, dtype=torch.long)
     with torch.inference_mode():
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    hidden = hidden.float()
+        out = model(input_ids=ids, attention_mask=mask)
+    hidden = (out if isinstance(out, torch.Tensor) else out.last_hidden_state).float()
     if return_cls_repr:
         pooled = hidden[:, 0]
     else:
@@ -305,7 +323,7 @@ def embed_chunks(chunk_ids, name: Optional[str] = None, device: Union[str, torch
         outs.append(bert_forward(inp, mask, name=name, device=device,
                                  return_cls_repr=return_cls_repr, dtype=dtype))
     if not outs:
-        hidden = get_bert(name, device).config.hidden_size
+        hidden = hidden_size(name)
         return torch.empty(0, hidden)
     out = torch.cat(outs)
     if normalize:
@@ -322,6 +340,9 @@ def forward_batch_size(device: Union[str, torch.device] = "cpu") -> int:
 
 def hidden_size(name: Optional[str] = None) -> int:
     """Embedding width of embedder ``name`` (read from its config, without loading weights)."""
+    where = Path(_location(resolve_embedder(name), False))
+    if (where / "config.json").is_file():
+        return int(json.loads((where / "config.json").read_text())["hidden_size"])
     from transformers import BertConfig
 
-    return BertConfig.from_pretrained(_location(resolve_embedder(name), False)).hidden_size
+    return BertConfig.from_pretrained(str(where)).hidden_size
