@@ -2,9 +2,9 @@
 
 It computes exactly what ``transformers.BertModel(...).last_hidden_state`` computes for a standard
 BERT checkpoint (absolute positions, erf GELU, post-LayerNorm; Devlin et al. 2019), from the same
-``config.json`` and ``model.safetensors``, without importing the transformers modeling code
-(about 2 s of the database build on a 2-core CPU) and with one fused query/key/value projection
-per layer. Anything else (other activations or position embeddings, weights only in another
+``config.json`` and ``model.safetensors``, without importing transformers' modeling code (a
+fixed start-up cost of every database build and retriever) and with one fused query/key/value
+projection per layer. Anything else (other activations or position embeddings, weights only in another
 format) is not handled here: :func:`load` returns None and the embedder falls back to
 transformers. ``tests/test_embedder.py`` checks it against ``BertModel`` on the bundled model.
 """

@@ -157,8 +157,8 @@ def get_bert(name: Optional[str] = None, device: Union[str, torch.device] = "cpu
 @functools.lru_cache(maxsize=8)
 def _encoder(name: str, device: str, dtype: torch.dtype):
     """What :func:`bert_forward` runs: the lean BERT of ``diablogpt_pytorch._bert`` when the
-    checkpoint is a standard BERT in safetensors (no transformers modeling import: ~2 s less
-    start-up), else transformers' ``BertModel``."""
+    checkpoint is a standard BERT in safetensors (no import of transformers' modeling code),
+    else transformers' ``BertModel``."""
     from diablogpt_pytorch import _bert as lean
 
     try:
