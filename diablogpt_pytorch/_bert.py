@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 _PREFIXES = ("", "bert.")  # plain BertModel checkpoints, or BertFor* checkpoints with a "bert." prefix
@@ -34,12 +35,14 @@ class LeanBert:
         w = weights
         self.word = w["embeddings.word_embeddings.weight"]
         # position + token type 0, added to every sequence
-        self.pos_type = w["embeddings.position_embeddings.weight"] + w["embeddings.token_type_embeddings.weight"][0]
+        self.pos_type = (w["embeddings.position_embeddings.weight"]
+                         + w["embeddings.token_type_embeddings.weight"][0])
         self.emb_norm = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
         self.layers = []
         for i in range(int(config["num_hidden_layers"])):
             p = f"encoder.layer.{i}."
-            qkv = [w[f"{p}attention.self.{n}.{t}"] for t in ("weight", "bias") for n in ("query", "key", "value")]
+            qkv = [w[f"{p}attention.self.{n}.{t}"]
+                   for t in ("weight", "bias") for n in ("query", "key", "value")]
             self.layers.append(dict(
                 qkv_w=torch.cat(qkv[:3]), qkv_b=torch.cat(qkv[3:]),
                 out_w=w[f"{p}attention.output.dense.weight"], out_b=w[f"{p}attention.output.dense.bias"],
@@ -54,19 +57,20 @@ class LeanBert:
         return self.word.dtype
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        b, length = input_ids.shape
+        length = input_ids.shape[1]
         h, heads = self.hidden_size, self.heads
         x = F.embedding(input_ids, self.word) + self.pos_type[:length]
         x = F.layer_norm(x, (h,), *self.emb_norm, self.eps)
         keep = attention_mask.bool()[:, None, None, :]  # keys a query may attend to
         for layer in self.layers:
-            qkv = F.linear(x, layer["qkv_w"], layer["qkv_b"]).view(b, length, 3, heads, h // heads)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-            attn = attn.transpose(1, 2).reshape(b, length, h)
-            x = F.layer_norm(F.linear(attn, layer["out_w"], layer["out_b"]) + x, (h,), *layer["norm1"], self.eps)
+            q, k, v = rearrange(F.linear(x, layer["qkv_w"], layer["qkv_b"]),
+                                "b n (three h d) -> three b h n d", three=3, h=heads)
+            attn = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=keep), "b h n d -> b n (h d)")
+            x = F.layer_norm(F.linear(attn, layer["out_w"], layer["out_b"]) + x, (h,), *layer["norm1"],
+                             self.eps)
             ff = F.gelu(F.linear(x, layer["ff_in_w"], layer["ff_in_b"]))
-            x = F.layer_norm(F.linear(ff, layer["ff_out_w"], layer["ff_out_b"]) + x, (h,), *layer["norm2"], self.eps)
+            x = F.layer_norm(F.linear(ff, layer["ff_out_w"], layer["ff_out_b"]) + x, (h,), *layer["norm2"],
+                             self.eps)
         return x
 
 

@@ -95,10 +95,10 @@ class _RMSNormLinear(torch.autograd.Function):
     """linear(rms_norm(x) * gain, weight, bias), computed as linear(x * r, weight * gain, bias)
     with r = rsqrt(mean(x^2) + eps): the gain is folded into the weight's columns (a weight-sized
     product instead of a token-sized one) and the normalised input is written once, straight in
-    ``compute_dtype`` (from a bf16 x: one pass, no float32 copy; see :func:`_scale_rows`). Only x, the per-row
-    scale and the weights are saved; the normalised input is remade in backward instead of being
-    kept next to x (one (tokens, dim) activation less per pre-norm sub-layer). Statistics and the
-    norm's backward run in at least float32."""
+    ``compute_dtype`` (from a bf16 x: one pass, no float32 copy; see :func:`_scale_rows`). Only x,
+    the per-row scale and the weights are saved; the normalised input is remade in backward instead
+    of being kept next to x (one (tokens, dim) activation less per pre-norm sub-layer). Statistics,
+    reductions and the norm's input gradient are accumulated in at least float32."""
 
     @staticmethod
     def forward(ctx, x: Tensor, gain: Tensor, eps: float, weight: Tensor, bias: Optional[Tensor],
@@ -368,7 +368,8 @@ class SelfAttention(nn.Module):
         norm: Optional["RMSNorm"] = None,
     ) -> Tensor:
         n = x.shape[1]
-        q, k, v = rearrange(norm_linear(x, norm, self.to_qkv), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k, v = rearrange(norm_linear(x, norm, self.to_qkv), "b n (three h d) -> three b h n d",
+                            three=3, h=self.heads)
         out_dtype = q.dtype
         dtype = _attention_dtype(q, self.causal, n if kv_cache is None else start + n)
         q, k = apply_rotary(q, rot, dtype), apply_rotary(k, rot, dtype)
