@@ -39,10 +39,18 @@ __all__ = ["DIABLOGPT", "DecodeCache", "deepnet_constants"]
 # building blocks
 
 
+# torch's RMSNorm forward op (it also returns the per-row scale); a composite of four passes on CPU
+_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
+_SMALL_NORM_INPUT = 1 << 16  # elements: below this (decoding a few tokens) op count, not passes, rules
+
+
 def _rms_norm_forward(x: Tensor, gain: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(x * rsqrt(mean(x^2) + eps) * gain, the per-row scale), the statistics in at least float32
-    and the output in x's dtype: one reduction pass (a vector norm, no squared copy) and one product
-    pass (torch's ``_fused_rms_norm`` is a composite of four passes on CPU)."""
+    and the output in x's dtype. Large inputs: one reduction pass (a vector norm, no squared copy)
+    and one product pass, where torch's ``_fused_rms_norm`` makes four on CPU; small inputs (a
+    decoding step) take that single op, since there the number of ops, not passes, sets the time."""
+    if _FUSED_RMS_NORM and x.numel() <= _SMALL_NORM_INPUT:
+        return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], gain.to(x.dtype), eps)
     acc = torch.promote_types(x.dtype, torch.float32)
     rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
     rstd = rstd.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
@@ -373,9 +381,9 @@ class SelfAttention(nn.Module):
         out_dtype = q.dtype
         dtype = _attention_dtype(q, self.causal, n if kv_cache is None else start + n)
         q, k = apply_rotary(q, rot, dtype), apply_rotary(k, rot, dtype)
-        # a copy of v, not a view: attention saves v for backward, and a view would keep the
-        # whole (tokens, 3 * inner) projection alive with it
-        v = v.to(dtype).contiguous()
+        v = v.to(dtype)
+        if torch.is_grad_enabled():  # attention saves v for backward: a copy, not a view that
+            v = v.contiguous()       # would keep the whole (tokens, 3 * inner) projection alive
         dropout_p = self.dropout if self.training else 0.0
         attn_mask, is_causal = key_mask, self.causal
         if kv_cache is not None:

@@ -19,7 +19,14 @@ def rms_norm_reference(x, gain, eps):
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * gain).to(x.dtype)
 
 
-def test_rms_norm_backward_passes_gradcheck():
+@pytest.fixture(params=["large-input path", "small-input path"])
+def norm_path(request, monkeypatch):
+    """Run a norm test through both forward implementations (model._rms_norm_forward picks by size)."""
+    monkeypatch.setattr(model_module, "_SMALL_NORM_INPUT", 0 if request.param == "large-input path" else 1 << 30)
+    return request.param
+
+
+def test_rms_norm_backward_passes_gradcheck(norm_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
     gain = (torch.rand(7, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
@@ -27,7 +34,7 @@ def test_rms_norm_backward_passes_gradcheck():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_matches_the_composite_formula(dtype):
+def test_rms_norm_matches_the_composite_formula(dtype, norm_path):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(64, 96, generator=g) * 3).to(dtype).requires_grad_()
     gain = (torch.rand(96, generator=g) + 0.5).requires_grad_()
