@@ -13,8 +13,10 @@ One command::
    fresh subprocess of the right interpreter (``benchmarks/_worker.py``), median over rounds after
    a warm-up step in every process:
 
-   - ``train``: training step (forward + backward + AdamW step) at the seed config, fp32 and bf16
-     autocast, and the peak RSS of that process (the step's memory, AdamW state included);
+   - ``train``: training step (forward + backward + AdamW step, each library's own
+     ``get_optimizer``; ``--optimizer plain`` for the same plain AdamW in both) at the seed config,
+     fp32 and bf16 autocast, and the peak RSS of that process (the step's memory, AdamW state
+     included);
    - ``curve``: our loss over ``--curve-steps`` steps, bf16 autocast vs fp32, same init and data;
    - ``mfu``: achieved FLOP/s of our step against this machine's measured matmul FLOP/s in the same
      dtype, with the FLOP count written out (``flop_formula``);
