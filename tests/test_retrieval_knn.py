@@ -205,7 +205,7 @@ def test_neighbours_equal_brute_force_other_document_neighbours(database):
     knn = np.fromfile(database["knn_path"], dtype=np.int32).reshape(n, K)
     assert n > 20 and len(np.unique(doc_ids)) == 8
     # index-time embeddings are exactly the query-time formatting of the same chunks
-    vectors = emb.embed_chunks(torch.from_numpy(np.asarray(chunks[:, :C])), normalize=True).numpy()
+    vectors = emb.embed_chunks(torch.from_numpy(np.array(chunks[:, :C])), normalize=True).numpy()
     stored = np.load(database["out"] / "db.chunks.emb.npy")
     np.testing.assert_allclose(stored, vectors, atol=1e-5)
     want, want_scores = brute_force(vectors, vectors, K, np.asarray(doc_ids), np.asarray(doc_ids),
@@ -231,7 +231,7 @@ def test_retriever_from_files_matches_precomputed_neighbours(database):
     retriever = retrieval.Retriever(database["out"] / "db.chunks.dat",
                                     database["out"] / "db.doc_ids.dat")
     rows = [0, 5, n - 1]
-    query = torch.from_numpy(np.asarray(chunks[rows, :C])).long()
+    query = torch.from_numpy(np.array(chunks[rows, :C])).long()
     got = retriever.retrieve(query, K, exclude_doc_ids=[int(doc_ids[r]) for r in rows])
     assert got.dtype == torch.long and got.shape == (3, K, 2 * C)
     knn = np.fromfile(database["knn_path"], dtype=np.int32).reshape(n, K)
@@ -252,7 +252,7 @@ def test_held_out_queries_get_database_neighbours(database, tmp_path):
     assert knn_path == tmp_path / "held.chunks.knn.dat"
     knn = np.fromfile(knn_path, dtype=np.int32).reshape(m, K)
     held_chunks = np.memmap(tmp_path / "held.chunks.dat", dtype=np.int32, mode="r", shape=(m, C + 1))
-    q = emb.embed_chunks(torch.from_numpy(np.asarray(held_chunks[:, :C])), normalize=True).numpy()
+    q = emb.embed_chunks(torch.from_numpy(np.array(held_chunks[:, :C])), normalize=True).numpy()
     db = np.load(database["out"] / "db.chunks.emb.npy")
     _, want_scores = brute_force(q, db, K)
     got_scores = np.take_along_axis(q @ db.T, knn.astype(np.int64), axis=1)
