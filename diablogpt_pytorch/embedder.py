@@ -40,7 +40,7 @@ ALLOW_DOWNLOAD_ENV_VAR = "DIABLOGPT_ALLOW_DOWNLOAD"
 # Default precision of chunk embeddings: "auto" = bf16 (a bf16 copy of the weights) where the
 # device computes bf16 natively (CUDA with bf16, CPUs with AMX-BF16/AVX512-BF16), float32 elsewhere
 # (emulated bf16 is slower than fp32). Measured on real text (benchmarks/bench_database.py, README
-# "Retrieval database"): bf16 and fp32 give the same top-2 other-document neighbour set for 97.6%
+# "Retrieval database"): bf16 and fp32 give the same top-2 other-document neighbour set for 98.1%
 # of chunks (the differing ones are near-ties); pass dtype="float32" for fp32 databases.
 DEFAULT_DTYPE = "auto"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -235,9 +235,8 @@ def bert_forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, name:
         input_ids: int (b, L) BERT ids including [CLS]/[SEP].
         attention_mask: bool/int (b, L), 1 on real tokens.
         return_cls_repr: take the [CLS] vector instead of the masked mean.
-        dtype: float32, bfloat16 (a bf16 copy of the weights, no autocast: inference only, and
-            1.3x faster than autocast on CPU, benchmarks/bench_database.py; pooling and the result
-            are float32), or None/'auto' (see :func:`resolve_dtype`).
+        dtype: float32, bfloat16 (a bf16 copy of the weights, no autocast and its casts: inference
+            only; pooling and the result are float32), or None/'auto' (see :func:`resolve_dtype`).
 
     Returns:
         float32 (b, hidden) on CPU.
@@ -332,8 +331,8 @@ def embed_chunks(chunk_ids, name: Optional[str] = None, device: Union[str, torch
 
 
 def forward_batch_size(device: Union[str, torch.device] = "cpu") -> int:
-    """Default rows per BERT forward: 64 on CPU, where the activations of a small batch stay in
-    cache (64 rows embed 1.6x faster than 256 in bf16, benchmarks/bench_database.py), 256 on
+    """Default rows per BERT forward: 64 on CPU, where a small batch's activations stay in cache
+    (``benchmarks/bench_database.py --batch-size 256`` measures the alternative), 256 on
     accelerators."""
     return 64 if torch.device(device).type == "cpu" else 256
 
