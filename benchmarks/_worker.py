@@ -88,7 +88,8 @@ def make_batch(cfg: dict, batch: int, k: int, seed: int) -> tuple[torch.Tensor, 
 def make_optimizer(lib: str, model: torch.nn.Module, kind: str = "own") -> torch.optim.Optimizer:
     """AdamW, lr 3e-4, weight decay 0.1, as each library's user gets it (``kind='own'``: its own
     ``get_optimizer``; ours picks torch's fused AdamW kernel, the reference torch's default
-    implementation, a per-tensor loop on CPU) or, with ``kind='plain'``, ``torch.optim.AdamW(model.parameters())`` for both."""
+    implementation, a per-tensor loop on CPU) or, with ``kind='plain'``,
+    ``torch.optim.AdamW(model.parameters())`` for both."""
     if kind == "plain":
         return torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     if kind != "own":
