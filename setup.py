@@ -11,8 +11,9 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         # a range that the CPU wheel torch==2.13.0 satisfies (install that first: an unpinned
-        # torch pulls a multi-GB CUDA build)
-        "torch>=2.1,<2.15",
+        # torch pulls a multi-GB CUDA build); 2.4 is the first with the device-generic autocast
+        # queries the model uses (torch.is_autocast_enabled(device), torch.get_autocast_dtype)
+        "torch>=2.4,<2.15",
         # autofaiss 2.18 needs numpy<2
         "numpy<2",
         "einops>=0.7",
