@@ -196,18 +196,19 @@ class _LMHeadLoss(torch.autograd.Function):
             for begin in range(group_begin, group_end, chunk):
                 rows = slice(begin, min(begin + chunk, group_end))
                 h = hidden[rows].to(compute_dtype)
-                logits = _at_least_fp32(h @ w.t())
-                lse = torch.logsumexp(logits, dim=-1)
+                # log-probabilities in float32 straight from the (bf16) logits: one fused kernel
+                log_probs = torch.log_softmax(h @ w.t(), dim=-1, dtype=acc)
                 target = labels[rows]
-                keep = (target != ignore_index).to(acc)
+                keep = target != ignore_index
                 safe_target = target.clamp(min=0)
-                picked = logits.gather(1, safe_target[:, None]).squeeze(1)
-                total += ((lse - picked) * keep).sum()
+                picked = log_probs.gather(1, safe_target[:, None]).squeeze(1)
+                total -= (picked * keep.to(acc)).sum()
                 if not with_grads:
                     continue
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
+                probs = log_probs.exp_()  # softmax, in the same buffer
                 probs[torch.arange(probs.shape[0], device=probs.device), safe_target] -= 1
-                probs.mul_(keep[:, None])
+                if not bool(keep.all()):
+                    probs.mul_(keep.to(acc)[:, None])
                 if compute_dtype == acc:
                     grad_hidden[rows] = (probs @ w).to(hidden.dtype)
                     grad_weight.addmm_(probs.t(), h)
