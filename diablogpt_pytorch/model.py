@@ -51,10 +51,15 @@ def _rms_norm_forward(x: Tensor, gain: Tensor, eps: float) -> tuple[Tensor, Tens
     decoding step) take that single op, since there the number of ops, not passes, sets the time."""
     if _FUSED_RMS_NORM and x.numel() <= _SMALL_NORM_INPUT:
         return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], gain.to(x.dtype), eps)
-    acc = torch.promote_types(x.dtype, torch.float32)
-    rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
-    rstd = rstd.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-    return (x * rstd).mul_(gain.to(acc)).to(x.dtype), rstd
+    rstd = _rms_scale(x, eps)
+    return (x * rstd).mul_(gain.to(rstd.dtype)).to(x.dtype), rstd
+
+
+def _rms_scale(x: Tensor, eps: float) -> Tensor:
+    """rsqrt(mean(x^2) + eps) per row, (..., 1), in at least float32: one reduction pass (a vector
+    norm, no squared copy of x)."""
+    rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+    return rstd.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
 def _rms_norm_backward(grad_out: Tensor, x: Tensor, gain: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
@@ -111,9 +116,7 @@ class _RMSNormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, gain: Tensor, eps: float, weight: Tensor, bias: Optional[Tensor],
                 compute_dtype: torch.dtype) -> Tensor:
-        acc = torch.promote_types(x.dtype, torch.float32)
-        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
-        rstd = rstd.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        rstd = _rms_scale(x, eps)
         normed = _scale_rows(x, rstd, compute_dtype)
         ctx.save_for_backward(x, gain, rstd, weight)
         ctx.compute_dtype, ctx.has_bias = compute_dtype, bias is not None
@@ -129,10 +132,11 @@ class _RMSNormLinear(torch.autograd.Function):
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
         # y = normed @ (weight * gain).T: gradients of the folded weight, then of weight and gain
         grad_folded = (grad_flat.t() @ normed.reshape(-1, d)).to(weight.dtype)
-        grad_weight = grad_folded * gain.to(weight.dtype)
+        gain_w = gain.to(weight.dtype)
+        grad_weight = grad_folded * gain_w
         grad_gain = (grad_folded * weight).sum(0).to(gain.dtype)
         grad_bias = grad_flat.sum(0).to(weight.dtype) if ctx.has_bias else None
-        grad_normed = (grad_flat @ (weight * gain.to(weight.dtype)).to(dtype)).reshape(x.shape)
+        grad_normed = (grad_flat @ (weight * gain_w).to(dtype)).reshape(x.shape)
         # through normed = x * r:  d/dx = r * u - x * r^3 * mean(u * x),  u = grad_normed
         s = torch.mul(grad_normed, x).sum(-1, keepdim=True, dtype=rstd.dtype)
         coef = rstd.square() * rstd * s / d
