@@ -1,26 +1,36 @@
-"""torch's CPU flash attention, forward + backward, in bf16 against float32 at the model's shapes.
+"""Attention forward + backward at the model's shapes on CPU: the ways bf16 training could run it.
 
-    python benchmarks/bench_attention.py [--reps 3]
+    python benchmarks/bench_attention.py [--reps 5]
 
-Why ``model._attention_dtype`` runs the short non-causal windows in float32 under bf16 autocast
-on CPU: at these shapes torch's bf16 flash-attention backward is about twice as slow as its
-float32 one, while the long causal decoder attention is faster in bf16. Shapes are the seed
-config's (batch 1, seq 2048, C = 64, K = 2, 8 heads of 64). Each figure is the per-call time of
-the forward and of the backward kernel, as torch.profiler reports them, median over ``--reps``
-profiled runs after two warm-up runs; both dtypes are measured in the same process, one after
-the other for each shape.
+Why ``model._attention`` sends the short non-causal windows to ``_WindowAttention`` under bf16
+autocast on CPU, and leaves the long causal decoder attention on torch's flash attention. For each
+shape (the seed config's: batch 1, seq 2048, C = 64, K = 2, 8 heads of 64) it times, in one
+process and alternating, forward + backward of:
+
+- ``sdpa bf16``: ``F.scaled_dot_product_attention`` (torch's CPU flash kernel) in bf16;
+- ``sdpa fp32``: the same in float32, with the casts from and back to the bf16 projections (the
+  route this library took before ``_WindowAttention``);
+- ``window bf16``: ``model._WindowAttention`` (matmul probabilities, fused softmax and softmax
+  backward).
+
 Inputs come out of a projection (views of one qkv/kv tensor) and grads go back through the
-(b, n, h*d) layout, as in the model.
+(b, n, h*d) layout, as in the model. Figures are milliseconds per call, the median over ``--reps``
+rounds after two warm-up calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from diablogpt_pytorch.model import _WindowAttention  # noqa: E402
 
 SHAPES = {  # name: (batch, query length, key length, causal, padding mask)
     "decoder self-attention (causal)": (1, 2048, 2048, True, False),
@@ -31,46 +41,61 @@ SHAPES = {  # name: (batch, query length, key length, causal, padding mask)
 HEADS, DIM_HEAD = 8, 64
 
 
-def kernel_ms(batch, lq, lk, causal, masked, dtype, reps):
-    g = torch.Generator().manual_seed(0)
-    inner = HEADS * DIM_HEAD
-    x_q = torch.randn(batch, lq, inner, generator=g).to(dtype).requires_grad_()
-    x_kv = torch.randn(batch, lk, 2 * inner, generator=g).to(dtype).requires_grad_()
-    mask = None
-    if masked:
-        mask = torch.rand(batch, 1, 1, lk, generator=g) > 0.1
-        mask[..., 0] = True
-    grad_out = torch.randn(batch, lq, inner, generator=g).to(dtype)
+def sdpa(dtype):
+    def attend(q, k, v, mask, causal):
+        out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, is_causal=causal)
+        return out.to(q.dtype)
+    return attend
 
-    def run():
-        q = x_q.view(batch, lq, HEADS, DIM_HEAD).transpose(1, 2)
-        k, v = x_kv.view(batch, lk, 2, HEADS, DIM_HEAD).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        out = out.transpose(1, 2).reshape(batch, lq, inner)
-        torch.autograd.grad(out, (x_q, x_kv), grad_out)
 
-    for _ in range(2):
-        run()
-    fwd, bwd = [], []
-    for _ in range(reps):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run()
-        for e in prof.key_averages():
-            if e.key.startswith("aten::_scaled_dot_product_flash_attention_for_cpu"):
-                (bwd if e.key.endswith("backward") else fwd).append(e.cpu_time_total / e.count / 1e3)
-    return statistics.median(fwd), statistics.median(bwd)
+def window(q, k, v, mask, causal):
+    if causal:
+        return None  # not a window: the model never sends causal attention there
+    return _WindowAttention.apply(q, k, v, mask, 0.0)
+
+
+WAYS = {"sdpa bf16": sdpa(torch.bfloat16), "sdpa fp32": sdpa(torch.float32), "window bf16": window}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per call (forward / backward)")
-    print(f"{'window':34s} {'bf16':>15s} {'float32':>15s}  backward bf16/fp32")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per forward + backward, "
+          f"median of {args.reps}")
+    print(f"{'shape':34s}" + "".join(f"{w:>14s}" for w in WAYS))
     for name, (batch, lq, lk, causal, masked) in SHAPES.items():
-        bf = kernel_ms(batch, lq, lk, causal, masked, torch.bfloat16, args.reps)
-        fp = kernel_ms(batch, lq, lk, causal, masked, torch.float32, args.reps)
-        print(f"{name:34s} {bf[0]:6.1f} / {bf[1]:6.1f} {fp[0]:6.1f} / {fp[1]:6.1f}  {bf[1] / fp[1]:5.2f}x")
+        g = torch.Generator().manual_seed(0)
+        inner = HEADS * DIM_HEAD
+        x_q = torch.randn(batch, lq, inner, generator=g).bfloat16().requires_grad_()
+        x_kv = torch.randn(batch, lk, 2 * inner, generator=g).bfloat16().requires_grad_()
+        mask = None
+        if masked:
+            mask = torch.rand(batch, 1, 1, lk, generator=g) > 0.1
+            mask[..., 0] = True
+        grad_out = torch.randn(batch, lq, inner, generator=g).bfloat16()
+
+        def run(attend):
+            q = x_q.view(batch, lq, HEADS, DIM_HEAD).transpose(1, 2)
+            k, v = x_kv.view(batch, lk, 2, HEADS, DIM_HEAD).permute(2, 0, 3, 1, 4)
+            out = attend(q, k, v, mask, causal)
+            if out is None:
+                return False
+            out = out.transpose(1, 2).reshape(batch, lq, inner)
+            torch.autograd.grad(out, (x_q, x_kv), grad_out)
+            return True
+
+        ways = {w: f for w, f in WAYS.items() if run(f)}
+        for f in ways.values():
+            run(f)
+        times = {w: [] for w in ways}
+        for _ in range(args.reps):
+            for w, f in ways.items():
+                t0 = time.perf_counter()
+                run(f)
+                times[w].append((time.perf_counter() - t0) * 1e3)
+        cells = [f"{statistics.median(times[w]):14.1f}" if w in times else f"{'-':>14s}" for w in WAYS]
+        print(f"{name:34s}" + "".join(cells))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ feed-forward block. At the first CCA layer the neighbour encoder runs (paper Alg
 neighbour gets bidirectional self-attention and cross-attends to the decoder hidden states of the
 chunk it was retrieved for. CCA window u holds the last token of chunk u and the first C-1 tokens of
 chunk u+1 and attends, in one softmax, to all K*2C encoded neighbour tokens of chunk u plus a
-learned null key/value. All attention runs through ``F.scaled_dot_product_attention``.
+learned null key/value. Attention runs through ``F.scaled_dot_product_attention``, except the
+short non-causal windows in bf16 CPU training (see :func:`_attention`).
 
 The same code path serves training (no cache) and incremental decoding (:class:`DecodeCache`):
 self-attention keys/values are cached per layer, and the CCA keys/values of each completed chunk's
@@ -271,35 +272,76 @@ class Rotary(nn.Module):
         return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rotary(x: Tensor, rot: tuple[Tensor, Tensor], dtype: Optional[torch.dtype] = None) -> Tensor:
+def apply_rotary(x: Tensor, rot: tuple[Tensor, Tensor]) -> Tensor:
     """Rotate ``x`` (..., len, dim_head) by ``rot`` = (cos, signed_sin) (len, dim_head):
-    pairs (x_i, x_{i+d/2}) turn by angle theta_i * position. The result has ``dtype`` (default
-    x's); a wider dtype costs no extra pass (the products are formed in it)."""
+    pairs (x_i, x_{i+d/2}) turn by angle theta_i * position; the result has x's dtype."""
     cos, sin = rot
-    dtype = dtype or x.dtype
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.addcmul(x * cos.to(dtype), torch.cat((x2, x1), dim=-1), sin.to(dtype)).to(dtype)
+    return torch.addcmul(x * cos.to(x.dtype), torch.cat((x2, x1), dim=-1), sin.to(x.dtype))
 
 
-def _attention_dtype(x: Tensor, causal: bool, num_keys: int) -> torch.dtype:
-    """The dtype attention runs in: x's, except for short non-causal windows in bf16 on CPU (the
-    neighbour self-attention, the encoder's cross-attention and CCA: at most 512 keys), which run
-    in float32: torch's CPU flash-attention backward is 1.4-2.6x slower in bf16 than in float32
-    at those shapes (``benchmarks/bench_attention.py``), while the long causal decoder attention
-    is faster in bf16 and stays so. Inputs, saved tensors and results of those windows are float32;
-    the projections around them stay in bf16."""
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not causal and num_keys <= 512:
-        return torch.float32
-    return x.dtype
+_WINDOW_MAX_KEYS = 512  # see _attention
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
-    """``F.scaled_dot_product_attention`` in q's dtype: autocast (which would cast float32 inputs
-    back to its lower precision) is switched off around it when q is float32."""
-    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):
+def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
+               dropout_p: float = 0.0, is_causal: bool = False) -> Tensor:
+    """Softmax attention of q (B, h, Lq, d) over k, v (B, h, Lk, d); ``attn_mask`` is a bool mask
+    (True: attend) broadcastable to (B, h, Lq, Lk). ``F.scaled_dot_product_attention``, except
+    for the short non-causal windows in bf16 on CPU when gradients are needed (the neighbour
+    self-attention, the encoder's cross-attention and CCA: at most ``_WINDOW_MAX_KEYS`` keys),
+    which take :class:`_WindowAttention`: torch's CPU flash-attention backward is slow in bf16
+    at those shapes (``python benchmarks/bench_attention.py``). The long causal decoder attention,
+    float32, CUDA and inference stay on SDPA."""
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and not is_causal
+            and k.shape[-2] <= _WINDOW_MAX_KEYS and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _WindowAttention.apply(q, k, v, attn_mask, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal)
+
+
+class _WindowAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) masked) v with the (Lq, Lk) probabilities formed by matmuls in the
+    inputs' dtype and kept for backward (small windows: the probabilities of a window are no larger
+    than its q, k and v). The softmax and its backward are single fused kernels that accumulate in
+    float32 (one pass each over the probabilities), and masked positions get no gradient without a
+    pass of their own (their probability is 0). Dropout (on the probabilities, as SDPA's) keeps a
+    bool mask for backward."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float) -> Tensor:
+        scale = q.shape[-1] ** -0.5
         with torch.autocast(q.device.type, enabled=False):
-            return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+            scores = torch.matmul(q * scale, k.transpose(-1, -2))
+            if attn_mask is not None:
+                scores.masked_fill_(~attn_mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            keep = None
+            if dropout_p > 0:
+                keep = torch.empty_like(probs, dtype=torch.bool).bernoulli_(1 - dropout_p)
+                out = torch.matmul(probs * keep / (1 - dropout_p), v)
+            else:
+                out = torch.matmul(probs, v)
+        ctx.save_for_backward(q, k, v, probs, keep)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, probs, keep = ctx.saved_tensors
+        grad_out = grad_out.to(q.dtype)
+        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))
+        if keep is None:
+            grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+        else:
+            dropped = probs * keep / (1 - ctx.dropout_p)
+            grad_v = torch.matmul(dropped.transpose(-1, -2), grad_out)
+            grad_probs = grad_probs * keep / (1 - ctx.dropout_p)
+        # softmax backward: probs * (grad_probs - sum(grad_probs * probs)), one fused pass
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q).mul_(ctx.scale)
+        return grad_q, grad_k, grad_v, None, None
 
 
 class _GeluDropoutLinear(torch.autograd.Function):
@@ -383,10 +425,7 @@ class SelfAttention(nn.Module):
         n = x.shape[1]
         q, k, v = rearrange(norm_linear(x, norm, self.to_qkv), "b n (three h d) -> three b h n d",
                             three=3, h=self.heads)
-        out_dtype = q.dtype
-        dtype = _attention_dtype(q, self.causal, n if kv_cache is None else start + n)
-        q, k = apply_rotary(q, rot, dtype), apply_rotary(k, rot, dtype)
-        v = v.to(dtype)
+        q, k = apply_rotary(q, rot), apply_rotary(k, rot)
         if torch.is_grad_enabled():  # attention saves v for backward: a copy, not a view that
             v = v.contiguous()       # would keep the whole (tokens, 3 * inner) projection alive
         dropout_p = self.dropout if self.training else 0.0
@@ -402,8 +441,8 @@ class SelfAttention(nn.Module):
                 if n > 1:  # queries at start..end-1 see keys 0..their own position
                     qpos = torch.arange(start, end, device=x.device)[:, None]
                     attn_mask = torch.arange(end, device=x.device)[None, :] <= qpos
-        out = _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal and n > 1)
-        return self.to_out(rearrange(out.to(out_dtype), "b h n d -> b n (h d)"))
+        out = _attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal and n > 1)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class CrossAttention(nn.Module):
@@ -430,10 +469,8 @@ class CrossAttention(nn.Module):
 
     def keys_values(self, context: Tensor, rot: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
         k, v = rearrange(self.to_kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
-        # made in the dtype attend() will use, so that no cast of the keys/values is repeated there
-        dtype = _attention_dtype(k, False, k.shape[-2] + (self.null_k is not None))
-        k = k.to(dtype) if rot is None else apply_rotary(k, rot, dtype)
-        v = v.to(dtype)
+        if rot is not None:
+            k = apply_rotary(k, rot)
         if self.null_k is not None:
             batch = context.shape[0]
             k = torch.cat((self.null_k.to(k.dtype).expand(batch, -1, -1, -1), k), dim=2)
@@ -443,12 +480,11 @@ class CrossAttention(nn.Module):
     def attend(self, x: Tensor, k: Tensor, v: Tensor, q_rot: Optional[tuple[Tensor, Tensor]] = None,
                attn_mask: Optional[Tensor] = None, norm: Optional["RMSNorm"] = None) -> Tensor:
         q = rearrange(norm_linear(x, norm, self.to_q), "b n (h d) -> b h n d", h=self.heads)
-        out_dtype = q.dtype
-        dtype = _attention_dtype(q, False, k.shape[-2])
-        q = q.to(dtype) if q_rot is None else apply_rotary(q, q_rot, dtype)
+        if q_rot is not None:
+            q = apply_rotary(q, q_rot)
         dropout_p = self.dropout if self.training else 0.0
-        out = _sdpa(q, k.to(dtype), v.to(dtype), attn_mask=attn_mask, dropout_p=dropout_p)
-        return self.to_out(rearrange(out.to(out_dtype), "b h n d -> b n (h d)"))
+        out = _attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask, dropout_p=dropout_p)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
 def deepnet_constants(enc_depth: int, dec_depth: int) -> dict[str, float]:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import diablogpt_pytorch.model as model_module
 
-from diablogpt_pytorch.model import (DIABLOGPT, RMSNorm, Rotary, _attention_dtype, _GeluDropoutLinear,
-                                     _LMHeadLoss, _RMSNormFunction, _RMSNormLinear, apply_rotary, norm_linear)
+from diablogpt_pytorch.model import (DIABLOGPT, RMSNorm, Rotary, _attention, _GeluDropoutLinear, _LMHeadLoss,
+                                     _RMSNormFunction, _RMSNormLinear, _WindowAttention, apply_rotary, norm_linear)
 
 
 def rms_norm_reference(x, gain, eps):
@@ -183,50 +183,97 @@ def test_rotary_turns_each_pair_by_its_position_angle():
     d, theta = 8, 10000.0
     positions = torch.tensor([0, 1, 5, 37])
     x = torch.randn(2, 4, d, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    out = apply_rotary(x, Rotary(d, theta)(positions), torch.float64)
+    out = apply_rotary(x, Rotary(d, theta)(positions))
     angle = positions[:, None].double() * theta ** (-torch.arange(0, d, 2).double() / d)  # (len, d/2)
     a, b = x[..., : d // 2], x[..., d // 2:]
     expected = torch.cat((a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()), dim=-1)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)  # angles are float32
-    # a wider output dtype is the same rotation, not rounded to the input's dtype
-    wide = apply_rotary(x.bfloat16(), Rotary(d, theta)(positions), torch.float32)
-    assert wide.dtype == torch.float32
-    torch.testing.assert_close(wide, apply_rotary(x.bfloat16().float(), Rotary(d, theta)(positions)))
+    assert out.dtype == torch.float64
 
 
-def test_short_non_causal_windows_attend_in_float32_under_cpu_bf16_and_agree_with_fp32():
-    bf = torch.zeros(1, dtype=torch.bfloat16)
-    assert _attention_dtype(bf, causal=False, num_keys=257) == torch.float32
-    assert _attention_dtype(bf, causal=True, num_keys=257) == torch.bfloat16
-    assert _attention_dtype(bf, causal=False, num_keys=2048) == torch.bfloat16
-    assert _attention_dtype(bf.float(), causal=False, num_keys=257) == torch.float32
+def window_inputs(dtype, seed=0, batch=3, heads=2, lq=5, lk=7, d=4):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, d, generator=g, dtype=dtype).requires_grad_()
+               for n in (lq, lk, lk))
+    mask = torch.rand(batch, 1, 1, lk, generator=g) > 0.3
+    mask[..., 0] = True  # every query sees at least one key (as the model guarantees)
+    return q, k, v, mask
+
+
+def test_window_attention_passes_gradcheck_and_matches_sdpa():
+    q, k, v, mask = window_inputs(torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k, v: _WindowAttention.apply(q, k, v, mask, 0.0), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: _WindowAttention.apply(q, k, v, None, 0.0), (q, k, v))
+    out = _WindowAttention.apply(q, k, v, mask, 0.0)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    for mine, ref in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
+        torch.testing.assert_close(mine, ref)
+
+
+def test_window_attention_dropout_drops_probabilities_and_backpropagates_through_the_same_mask():
+    q, k, v, mask = window_inputs(torch.float64, seed=1)
+    p = 0.4
+    torch.manual_seed(5)
+    out = _WindowAttention.apply(q, k, v, mask, p)
+    torch.manual_seed(5)  # the same draw: the function's only use of the generator
+    keep = torch.empty(out.shape[:-1] + (k.shape[-2],), dtype=torch.bool).bernoulli_(1 - p)
+    assert 0 < keep.sum() < keep.numel()
+    scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~mask, float("-inf"))
+    expected = (scores.softmax(-1) * keep / (1 - p)) @ v
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    for mine, ref in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
+        torch.testing.assert_close(mine, ref)
+
+
+def test_window_attention_in_bf16_is_as_close_to_float64_as_sdpa_in_bf16():
+    q, k, v, mask = window_inputs(torch.float64, seed=2, batch=4, heads=2, lq=64, lk=129, d=64)
+    grad = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    truth = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    truth_grads = torch.autograd.grad(truth, (q, k, v), grad)
+    for fn in (lambda *a: _WindowAttention.apply(*a, mask, 0.0),
+               lambda *a: F.scaled_dot_product_attention(*a, attn_mask=mask)):
+        low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+        out = fn(*low)
+        grads = torch.autograd.grad(out, low, grad.bfloat16())
+        for got, want in zip((out, *grads), (truth, *truth_grads)):
+            rel = (got.double() - want).norm() / want.norm()
+            assert rel < 1e-2, rel  # a few bf16 roundings (2^-8 = 3.9e-3)
+
+
+def test_short_non_causal_bf16_windows_take_window_attention_and_the_model_agrees_with_fp32(monkeypatch):
+    bf = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16, requires_grad=True)
+    calls = []
+    original = _WindowAttention.apply
+    monkeypatch.setattr(_WindowAttention, "apply", lambda q, k, *a: calls.append((q.shape[-2], k.shape[-2])) or original(q, k, *a))
+    _attention(bf, bf, bf)
+    _attention(bf, bf, bf, is_causal=True)  # causal: SDPA
+    _attention(bf.detach(), bf.detach(), bf.detach())  # no gradient needed: SDPA
+    _attention(bf.detach().float().requires_grad_(), bf.float(), bf.float())  # float32: SDPA
+    long = torch.zeros(1, 1, 513, 8, dtype=torch.bfloat16)
+    _attention(bf, long, long)  # more than 512 keys: SDPA
+    assert calls == [(4, 4)]
+    calls.clear()
+
     torch.manual_seed(0)
     model = DIABLOGPT(num_tokens=97, max_seq_len=32, enc_dim=32, enc_depth=2, dec_dim=48, dec_depth=2,
                       dec_cross_attn_layers=(1, 2), heads=2, dim_head=16, chunk_size=8)
     seq = torch.randint(1, 97, (2, 33))
     retrieved = torch.randint(1, 97, (2, 4, 2, 16))
     fp32 = model(seq, retrieved, return_loss=True)
+    fp32.backward()
+    fp32_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert calls == []
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = model(seq, retrieved, return_loss=True)
     bf16.backward()
+    # neighbour self-attention (2C, 2C) and the encoder's cross-attention (K*2C, C), per encoder
+    # layer; CCA (C, null + K*2C) per CCA layer; the causal decoder attention is not among them
+    assert calls == [(16, 16), (32, 8), (16, 16), (32, 8), (8, 33), (8, 33)]
     assert abs(bf16.item() - fp32.item()) / fp32.item() < 0.01
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-
-    # what actually reaches the attention kernels under autocast (which would otherwise cast the
-    # float32 windows back to bf16): (query length, key length) -> dtype
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen = {}
-
-    class RecordAttention(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "scaled_dot_product" in str(func) and "backward" not in str(func):
-                seen[(args[0].shape[-2], args[1].shape[-2])] = args[0].dtype
-            return func(*args, **(kwargs or {}))
-
-    with RecordAttention(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(seq, retrieved, return_loss=True)
-    assert seen[(32, 32)] == torch.bfloat16  # causal decoder self-attention
-    assert seen[(16, 16)] == torch.float32  # neighbour self-attention
-    assert seen[(2 * 16, 8)] == torch.float32  # encoder cross-attention to the chunk (K*2C, C)
-    assert seen[(8, 1 + 2 * 16)] == torch.float32  # CCA: a window against null + K*2C
+    for p, ref in zip(model.parameters(), fp32_grads):
+        assert torch.isfinite(p.grad).all()
+        assert (p.grad - ref).norm() <= 0.05 * ref.norm() + 1e-6
