@@ -109,45 +109,48 @@ class _RMSNormLinear(torch.autograd.Function):
     """linear(rms_norm(x) * gain, weight, bias), computed as linear(x * r, weight * gain, bias)
     with r = rsqrt(mean(x^2) + eps): the gain is folded into the weight's columns (a weight-sized
     product instead of a token-sized one) and the normalised input is written once, straight in
-    ``compute_dtype`` (from a bf16 x: one pass, no float32 copy; see :func:`_scale_rows`). Only x,
-    the per-row scale and the weights are saved; the normalised input is remade in backward instead
-    of being kept next to x (one (tokens, dim) activation less per pre-norm sub-layer). Statistics,
-    reductions and the norm's input gradient are accumulated in at least float32."""
+    ``compute_dtype`` (from a bf16 x: one pass, no float32 copy; see :func:`_scale_rows`).
+
+    Saved for backward: the normalised input (in ``compute_dtype``: under bf16 autocast half the
+    size of a float32 x), not x; the norm's input gradient is written in terms of it,
+    d/dx = r * (u - normed * mean(u * normed)), so backward remakes nothing token-sized. In a
+    lower ``compute_dtype`` the folded weight is kept too (weight-sized, in that dtype) instead of
+    being folded and cast again. Statistics and reductions are accumulated in at least float32."""
 
     @staticmethod
     def forward(ctx, x: Tensor, gain: Tensor, eps: float, weight: Tensor, bias: Optional[Tensor],
                 compute_dtype: torch.dtype) -> Tensor:
         rstd = _rms_scale(x, eps)
         normed = _scale_rows(x, rstd, compute_dtype)
-        ctx.save_for_backward(x, gain, rstd, weight)
-        ctx.compute_dtype, ctx.has_bias = compute_dtype, bias is not None
-        return F.linear(normed, (weight * gain.to(weight.dtype)).to(compute_dtype),
-                        None if bias is None else bias.to(compute_dtype))
+        folded = (weight * gain.to(weight.dtype)).to(compute_dtype)
+        ctx.save_for_backward(normed, gain, rstd, weight, folded if folded.dtype != weight.dtype else None)
+        ctx.has_bias, ctx.x_dtype = bias is not None, x.dtype
+        return F.linear(normed, folded, None if bias is None else bias.to(compute_dtype))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, gain, rstd, weight = ctx.saved_tensors
-        dtype = ctx.compute_dtype
-        d = x.shape[-1]
-        normed = _scale_rows(x, rstd, dtype)
-        grad_flat = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-        # y = normed @ (weight * gain).T: gradients of the folded weight, then of weight and gain
-        grad_folded = (grad_flat.t() @ normed.reshape(-1, d)).to(weight.dtype)
+        normed, gain, rstd, weight, folded = ctx.saved_tensors
+        d = normed.shape[-1]
         gain_w = gain.to(weight.dtype)
+        if folded is None:
+            folded = weight * gain_w
+        grad_flat = grad_out.reshape(-1, grad_out.shape[-1]).to(normed.dtype)
+        # y = normed @ folded.T, folded = weight * gain: gradients of folded, then of weight and gain
+        grad_folded = (grad_flat.t() @ normed.reshape(-1, d)).to(weight.dtype)
         grad_weight = grad_folded * gain_w
         grad_gain = (grad_folded * weight).sum(0).to(gain.dtype)
         grad_bias = grad_flat.sum(0).to(weight.dtype) if ctx.has_bias else None
-        grad_normed = (grad_flat @ (weight * gain_w).to(dtype)).reshape(x.shape)
-        # through normed = x * r:  d/dx = r * u - x * r^3 * mean(u * x),  u = grad_normed
-        s = torch.mul(grad_normed, x).sum(-1, keepdim=True, dtype=rstd.dtype)
-        coef = rstd.square() * rstd * s / d
-        grad_x = torch.addcmul(grad_normed * rstd, x, coef, value=-1)
-        return grad_x.to(x.dtype), grad_gain, None, grad_weight, grad_bias, None
+        u = (grad_flat @ folded).reshape(normed.shape)
+        # through normed = x * r:  d/dx = r * u - x * r^3 * mean(u * x) = r * (u - normed * mean(u * normed))
+        acc = rstd.dtype
+        s = torch.mul(u, normed).sum(-1, keepdim=True, dtype=acc)
+        grad_x = torch.addcmul(u.to(acc), normed.to(acc), s / d, value=-1).mul_(rstd)
+        return grad_x.to(ctx.x_dtype), grad_gain, None, grad_weight, grad_bias, None
 
 
 def norm_linear(x: Tensor, norm: Optional["RMSNorm"], linear: nn.Linear) -> Tensor:
     """``linear(norm(x))`` (just ``linear(x)`` when ``norm`` is None), fused for a plain RMSNorm so
-    that only x is kept for backward (:class:`_RMSNormLinear`)."""
+    that only the normalised input is kept for backward (:class:`_RMSNormLinear`)."""
     if norm is None:
         return linear(x)
     if norm.gate is not None or not torch.is_grad_enabled():

@@ -102,6 +102,27 @@ def test_norm_linear_equals_norm_then_linear(autocast):
         assert err(a, r) < 1e-2 and err(b, r) < 1e-2, (err(a, r), err(b, r))
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_norm_linear_saves_the_normalised_input_in_the_matmul_dtype_not_its_input(autocast):
+    norm, linear = RMSNorm(24), torch.nn.Linear(24, 40)
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 1.5)  # folded into the weight, not into what is saved
+    x = torch.randn(6, 24, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = norm_linear(x, norm, linear)
+    token_sized = [t for t in saved if t.shape == x.shape]
+    assert len(token_sized) == 1
+    assert token_sized[0].dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert not any(t is x for t in saved)
+    with torch.no_grad():
+        normalised = rms_norm_reference(x, torch.ones(24), norm.eps).to(token_sized[0].dtype)
+    torch.testing.assert_close(token_sized[0], normalised)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_gelu_linear_backward_passes_gradcheck():
     g = torch.Generator().manual_seed(2)
     h = torch.randn(2, 5, 12, generator=g, dtype=torch.float64, requires_grad=True)
