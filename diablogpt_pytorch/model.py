@@ -168,11 +168,29 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 _LM_HEAD_GROUP_ROWS = 2048  # see _LMHeadLoss.forward
 
 
+def _log_picked(probs: Tensor, logits: Tensor, target: Tensor, acc: torch.dtype) -> Tensor:
+    """log(probs[i, target[i]]) per row, in ``acc``; rows whose probability is below the smallest
+    normal number of probs' dtype (too few bits left, or 0) take a ``log_softmax`` of their logits
+    in ``acc`` instead."""
+    picked = probs.gather(1, target[:, None]).squeeze(1).to(acc)
+    lost = picked < torch.finfo(probs.dtype).tiny
+    log_picked = picked.log()
+    if bool(lost.any()):
+        exact = torch.log_softmax(logits[lost].to(acc), dim=-1)
+        log_picked[lost] = exact.gather(1, target[lost][:, None]).squeeze(1)
+    return log_picked
+
+
 class _LMHeadLoss(torch.autograd.Function):
     """Summed cross-entropy of ``labels`` (N,) under logits ``hidden (N, d) @ weight.T`` without
     ever holding the (N, vocab) logits: they are made ``chunk`` rows at a time. Rows whose label is
-    ``ignore_index`` count for nothing. Matmuls run in ``compute_dtype`` (bf16 under autocast), the
-    softmax in float32.
+    ``ignore_index`` count for nothing. Matmuls run in ``compute_dtype`` (bf16 under autocast). In
+    float32 the loss comes from ``log_softmax``. In a lower ``compute_dtype`` one fused softmax pass
+    (float32 inside) writes the probabilities straight in that dtype, which is what the gradient
+    logits are kept in anyway, and each row's loss is minus the log of its label's probability
+    (one rounding of the probability: an absolute error of at most 2^-8 in that row's loss, for
+    bf16); a probability below the dtype's smallest normal number is recomputed from a float32
+    ``log_softmax`` of its row.
 
     With ``with_grads`` the gradients are computed in the forward pass, from the same logits
     (softmax - one-hot): the loss is a sum, so its gradient is the one computed here times the
@@ -204,26 +222,27 @@ class _LMHeadLoss(torch.autograd.Function):
             for begin in range(group_begin, group_end, chunk):
                 rows = slice(begin, min(begin + chunk, group_end))
                 h = hidden[rows].to(compute_dtype)
-                # log-probabilities in float32 straight from the (bf16) logits: one fused kernel
-                log_probs = torch.log_softmax(h @ w.t(), dim=-1, dtype=acc)
+                logits = h @ w.t()
                 target = labels[rows]
                 keep = target != ignore_index
                 safe_target = target.clamp(min=0)
-                picked = log_probs.gather(1, safe_target[:, None]).squeeze(1)
+                if compute_dtype == acc:
+                    log_probs = torch.log_softmax(logits, dim=-1)
+                    picked = log_probs.gather(1, safe_target[:, None]).squeeze(1)
+                    probs = log_probs.exp_() if with_grads else None  # softmax, in the same buffer
+                else:
+                    out = grad_logits[begin - group_begin: rows.stop - group_begin] if with_grads else None
+                    probs = torch.softmax(logits, dim=-1, out=out)
+                    picked = _log_picked(probs, logits, safe_target, acc)
                 total -= (picked * keep.to(acc)).sum()
                 if not with_grads:
                     continue
-                probs = log_probs.exp_()  # softmax, in the same buffer
                 probs[torch.arange(probs.shape[0], device=probs.device), safe_target] -= 1
                 if not bool(keep.all()):
-                    probs.mul_(keep.to(acc)[:, None])
+                    probs.mul_(keep.to(probs.dtype)[:, None])
+                grad_hidden[rows] = (probs @ w).to(hidden.dtype)
                 if compute_dtype == acc:
-                    grad_hidden[rows] = (probs @ w).to(hidden.dtype)
                     grad_weight.addmm_(probs.t(), h)
-                else:
-                    g = grad_logits[begin - group_begin: rows.stop - group_begin]
-                    g.copy_(probs)
-                    grad_hidden[rows] = (g @ w).to(hidden.dtype)
             if with_grads and compute_dtype != acc:
                 part = grad_logits.t() @ hidden[group_begin:group_end].to(compute_dtype)
                 grad_weight = part.to(acc) if grad_weight is None else grad_weight.add_(part)

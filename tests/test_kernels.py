@@ -298,3 +298,23 @@ def test_short_non_causal_bf16_windows_take_window_attention_and_the_model_agree
     for p, ref in zip(model.parameters(), fp32_grads):
         assert torch.isfinite(p.grad).all()
         assert (p.grad - ref).norm() <= 0.05 * ref.norm() + 1e-6
+
+
+def test_lm_head_loss_in_bf16_recomputes_rows_whose_label_probability_underflows():
+    # row 0's label sits 200 nats below the best logit: its probability (e^-200) is far below
+    # bf16's smallest normal number, and the loss must still be the exact 200, not inf or a guess
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], requires_grad=True)
+    weight = torch.tensor([[200.0, 0.0], [0.0, 0.0], [0.0, 3.0]], requires_grad=True)
+    labels = torch.tensor([1, 2, 0])
+    logits = hidden.detach() @ weight.detach().t()
+    for with_grads in (True, False):
+        with torch.set_grad_enabled(with_grads):
+            loss = _LMHeadLoss.apply(hidden, weight, labels, -100, 2, torch.bfloat16, with_grads)
+        per_row = F.cross_entropy(logits, labels, reduction="none")
+        assert per_row[0] > 199  # the case under test: e^-200 is 0 in bf16
+        torch.testing.assert_close(loss.detach(), per_row.sum(), rtol=4e-3, atol=0)
+    loss = _LMHeadLoss.apply(hidden, weight, labels, -100, 2, torch.bfloat16, True)
+    grad_h, grad_w = torch.autograd.grad(loss, (hidden, weight))
+    ref_h, ref_w = torch.autograd.grad(F.cross_entropy(hidden @ weight.t(), labels, reduction="sum"), (hidden, weight))
+    torch.testing.assert_close(grad_h, ref_h, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad_w, ref_w, rtol=2e-2, atol=2e-2)
