@@ -141,11 +141,13 @@ class _RMSNormLinear(torch.autograd.Function):
         grad_gain = (grad_folded * weight).sum(0).to(gain.dtype)
         grad_bias = grad_flat.sum(0).to(weight.dtype) if ctx.has_bias else None
         u = (grad_flat @ folded).reshape(normed.shape)
-        # through normed = x * r:  d/dx = r * u - x * r^3 * mean(u * x) = r * (u - normed * mean(u * normed))
-        acc = rstd.dtype
-        s = torch.mul(u, normed).sum(-1, keepdim=True, dtype=acc)
-        grad_x = torch.addcmul(u.to(acc), normed.to(acc), s / d, value=-1).mul_(rstd)
-        return grad_x.to(ctx.x_dtype), grad_gain, None, grad_weight, grad_bias, None
+        # through normed = x * r:  d/dx = r * u - x * r^3 * mean(u * x) = r * (u - normed * mean(u * normed)).
+        # The projection is formed in u's dtype (under bf16 one rounding on top of u's own, of the
+        # same size), then scaled by r in x's dtype: two passes, where float32 copies of u and
+        # normed took four.
+        s = torch.linalg.vecdot(u, normed)[..., None]
+        grad_x = torch.addcmul(u, normed, s / d, value=-1).to(ctx.x_dtype).mul_(rstd)
+        return grad_x, grad_gain, None, grad_weight, grad_bias, None
 
 
 def norm_linear(x: Tensor, norm: Optional["RMSNorm"], linear: nn.Linear) -> Tensor:
@@ -370,8 +372,8 @@ class _GeluDropoutLinear(torch.autograd.Function):
     """out = linear(dropout(gelu(h)), weight, bias). In float32 it saves h and the dropout mask, not
     the activated hidden layer, which backward recomputes (elementwise): one (tokens, 4 * dim)
     activation less per feed-forward block. In a lower precision (bf16 under autocast) the
-    activation is half the size and the recompute a larger share of the step, so it is kept.
-    Matmuls run in h's dtype."""
+    activation is half the size and the recompute a larger share of the step, so it is kept, and
+    so is the weight cast to that precision (not cast again in backward). Matmuls run in h's dtype."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, p: float) -> Tensor:
@@ -381,13 +383,16 @@ class _GeluDropoutLinear(torch.autograd.Function):
             mask = torch.empty_like(a, dtype=torch.bool).bernoulli_(1 - p)
             a = a * mask / (1 - p)
         ctx.p = p
-        keep_activation = h.dtype in (torch.bfloat16, torch.float16)
-        ctx.save_for_backward(h, weight, bias, mask, a if keep_activation else None)
-        return F.linear(a, weight.to(a.dtype), bias.to(a.dtype))
+        low_precision = h.dtype in (torch.bfloat16, torch.float16)
+        cast_weight = weight.to(a.dtype)
+        # in a lower precision the activation and the cast weight are kept (see the class doc)
+        ctx.save_for_backward(h, weight, bias, mask, a if low_precision else None,
+                              cast_weight if cast_weight is not weight else None)
+        return F.linear(a, cast_weight, bias.to(a.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        h, weight, bias, mask, a = ctx.saved_tensors
+        h, weight, bias, mask, a, cast_weight = ctx.saved_tensors
         if a is None:  # recompute the activation (float32: it was not kept)
             a = F.gelu(h)
             if mask is not None:
@@ -395,7 +400,7 @@ class _GeluDropoutLinear(torch.autograd.Function):
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
         grad_weight = (grad_flat.t() @ a.reshape(-1, a.shape[-1]).to(grad_flat.dtype)).to(weight.dtype)
         grad_bias = grad_flat.sum(0).to(bias.dtype)
-        grad_a = (grad_out @ weight.to(grad_out.dtype)).to(h.dtype)
+        grad_a = (grad_out @ (weight if cast_weight is None else cast_weight).to(grad_out.dtype)).to(h.dtype)
         if mask is not None:
             grad_a = grad_a * mask / (1 - ctx.p)
         grad_h = torch.ops.aten.gelu_backward(grad_a, h)
