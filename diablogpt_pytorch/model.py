@@ -300,8 +300,32 @@ def apply_rotary(x: Tensor, rot: tuple[Tensor, Tensor]) -> Tensor:
     """Rotate ``x`` (..., len, dim_head) by ``rot`` = (cos, signed_sin) (len, dim_head):
     pairs (x_i, x_{i+d/2}) turn by angle theta_i * position; the result has x's dtype."""
     cos, sin = rot
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.addcmul(x * cos.to(x.dtype), torch.cat((x2, x1), dim=-1), sin.to(x.dtype))
+    return _Rotation.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x * cos + (x2, x1) * sin, with (x1, x2) the halves of x's last dim: one product pass and
+    one in-place pass per half, with no swapped copy of x."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half])
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
+class _Rotation(torch.autograd.Function):
+    """:func:`_rotate` with its transpose as backward (the same kernel with the sine's halves
+    swapped); it saves no activation."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad_out, cos, sin.roll(sin.shape[-1] // 2, dims=-1)), None, None
 
 
 _WINDOW_MAX_KEYS = 512  # see _attention

@@ -318,3 +318,14 @@ def test_lm_head_loss_in_bf16_recomputes_rows_whose_label_probability_underflows
     ref_h, ref_w = torch.autograd.grad(F.cross_entropy(hidden @ weight.t(), labels, reduction="sum"), (hidden, weight))
     torch.testing.assert_close(grad_h, ref_h, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(grad_w, ref_w, rtol=2e-2, atol=2e-2)
+
+
+def test_rotary_backward_passes_gradcheck_and_is_the_inverse_rotation():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    cos, sin = (t.double() for t in Rotary(8)(torch.tensor([0, 3, 4, 9, 30])))
+    assert torch.autograd.gradcheck(lambda x: apply_rotary(x, (cos, sin)), (x,))
+    # a rotation is orthogonal: its backward (the transpose) undoes it
+    out = apply_rotary(x, (cos, sin))
+    (back,) = torch.autograd.grad(out, x, out)
+    torch.testing.assert_close(back, x.detach())
