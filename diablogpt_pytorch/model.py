@@ -138,7 +138,7 @@ class _RMSNormLinear(torch.autograd.Function):
         # y = normed @ folded.T, folded = weight * gain: gradients of folded, then of weight and gain
         grad_folded = (grad_flat.t() @ normed.reshape(-1, d)).to(weight.dtype)
         grad_weight = grad_folded * gain_w
-        grad_gain = (grad_folded * weight).sum(0).to(gain.dtype)
+        grad_gain = torch.linalg.vecdot(grad_folded, weight, dim=0).to(gain.dtype)
         grad_bias = grad_flat.sum(0).to(weight.dtype) if ctx.has_bias else None
         u = (grad_flat @ folded).reshape(normed.shape)
         # through normed = x * r:  d/dx = r * u - x * r^3 * mean(u * x) = r * (u - normed * mean(u * normed)).
