@@ -1,0 +1,57 @@
+"""A linear layer's weight gradient ``g.T @ x`` at the seed config's shapes, bf16 and float32 on CPU.
+
+    python benchmarks/bench_weight_grad.py [--reps 7]
+
+Why ``model._weight_grad`` copies the transposed gradient into a contiguous tensor first in bf16
+when the layer's input is at least twice as wide as its output: g is (N, out), x is (N, in), and the
+contraction runs over the N tokens, so one operand is always transposed. For each shape and dtype
+it times, in one process and alternating, ``g.t() @ x`` against ``g.t().contiguous() @ x`` (the
+copy included), and prints the ratio. Shapes: N = 2048 decoder tokens or 8192 encoder
+(neighbour) tokens; (out, in) of the feed-forward and attention projections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+SHAPES = [  # (tokens, out, in)
+    (2048, 768, 3072),   # decoder feed-forward output projection
+    (8192, 896, 3584),   # encoder feed-forward output projection
+    (2048, 512, 768),    # CCA query projection
+    (2048, 3072, 768),   # decoder feed-forward input projection (out > in)
+    (2048, 1536, 768),   # decoder qkv projection (out > in)
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=7)
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per weight gradient, "
+          f"median of {args.reps}")
+    print(f"{'dtype':8s} {'tokens':>6s} {'out':>5s} {'in':>5s} {'g.t() @ x':>10s} {'contiguous':>11s} {'speed-up':>9s}")
+    for dtype in (torch.bfloat16, torch.float32):
+        for n, out, inn in SHAPES:
+            g = torch.randn(n, out).to(dtype)
+            x = torch.randn(n, inn).to(dtype)
+            ways = {"transposed": lambda: g.t() @ x, "contiguous": lambda: g.t().contiguous() @ x}
+            for f in ways.values():
+                f()
+                f()
+            times = {w: [] for w in ways}
+            for _ in range(args.reps):
+                for w, f in ways.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times[w].append((time.perf_counter() - t0) * 1e3)
+            a, b = (statistics.median(times[w]) for w in ways)
+            name = str(dtype).replace("torch.", "")
+            print(f"{name:8s} {n:6d} {out:5d} {inn:5d} {a:10.1f} {b:11.1f} {a / b:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
