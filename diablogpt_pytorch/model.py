@@ -198,13 +198,12 @@ def _log_picked(probs: Tensor, logits: Tensor, target: Tensor, acc: torch.dtype)
 class _LMHeadLoss(torch.autograd.Function):
     """Summed cross-entropy of ``labels`` (N,) under logits ``hidden (N, d) @ weight.T`` without
     ever holding the (N, vocab) logits: they are made ``chunk`` rows at a time. Rows whose label is
-    ``ignore_index`` count for nothing. Matmuls run in ``compute_dtype`` (bf16 under autocast). In
-    float32 the loss comes from ``log_softmax``. In a lower ``compute_dtype`` one fused softmax pass
-    (float32 inside) writes the probabilities straight in that dtype, which is what the gradient
-    logits are kept in anyway, and each row's loss is minus the log of its label's probability
-    (one rounding of the probability: an absolute error of at most 2^-8 in that row's loss, for
-    bf16); a probability below the dtype's smallest normal number is recomputed from a float32
-    ``log_softmax`` of its row.
+    ``ignore_index`` count for nothing. Matmuls run in ``compute_dtype`` (bf16 under autocast).
+    One fused softmax pass (float32 inside) writes the probabilities in that dtype (in a lower one
+    straight into the kept gradient logits), and each row's loss is minus the log of its label's
+    probability: one rounding of the probability, an absolute error of at most 2^-8 in that row's
+    loss in bf16 and 2^-24 in float32. A probability below the dtype's smallest normal number is
+    recomputed from a float32 ``log_softmax`` of its row.
 
     With ``with_grads`` the gradients are computed in the forward pass, from the same logits
     (softmax - one-hot): the loss is a sum, so its gradient is the one computed here times the
@@ -240,14 +239,11 @@ class _LMHeadLoss(torch.autograd.Function):
                 target = labels[rows]
                 keep = target != ignore_index
                 safe_target = target.clamp(min=0)
-                if compute_dtype == acc:
-                    log_probs = torch.log_softmax(logits, dim=-1)
-                    picked = log_probs.gather(1, safe_target[:, None]).squeeze(1)
-                    probs = log_probs.exp_() if with_grads else None  # softmax, in the same buffer
-                else:
-                    out = grad_logits[begin - group_begin: rows.stop - group_begin] if with_grads else None
-                    probs = torch.softmax(logits, dim=-1, out=out)
-                    picked = _log_picked(probs, logits, safe_target, acc)
+                out = None
+                if with_grads and compute_dtype != acc:
+                    out = grad_logits[begin - group_begin: rows.stop - group_begin]
+                probs = torch.softmax(logits, dim=-1, out=out)
+                picked = _log_picked(probs, logits, safe_target, acc)
                 total -= (picked * keep.to(acc)).sum()
                 if not with_grads:
                     continue
