@@ -218,10 +218,8 @@ class _LMHeadLoss(torch.autograd.Function):
         acc = torch.promote_types(compute_dtype, torch.float32)
         total = hidden.new_zeros((), dtype=acc)
         n = hidden.shape[0]
-        if with_grads:
-            grad_hidden = torch.empty_like(hidden)
-            grad_weight = (torch.zeros(weight.shape, dtype=acc, device=weight.device)
-                           if compute_dtype == acc else None)
+        grad_hidden = torch.empty_like(hidden) if with_grads else None
+        grad_weight = None  # made by the first product, then accumulated into
         # In a lower-precision compute dtype, the weight gradient is one matmul per group of rows
         # (the gradient logits of up to _LM_HEAD_GROUP_ROWS rows are kept in that dtype): one
         # rounding and one accumulation per group instead of one per chunk. In float32 each chunk
@@ -252,11 +250,13 @@ class _LMHeadLoss(torch.autograd.Function):
                     probs.mul_(keep.to(probs.dtype)[:, None])
                 grad_hidden[rows] = (probs @ w).to(hidden.dtype)
                 if compute_dtype == acc:
-                    grad_weight.addmm_(probs.t(), h)
+                    grad_weight = probs.t() @ h if grad_weight is None else grad_weight.addmm_(probs.t(), h)
             if with_grads and compute_dtype != acc:
                 part = grad_logits.t() @ hidden[group_begin:group_end].to(compute_dtype)
                 grad_weight = part.to(acc) if grad_weight is None else grad_weight.add_(part)
         if with_grads:
+            if grad_weight is None:  # no rows
+                grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.weight_dtype = weight.dtype
         return total
