@@ -362,11 +362,13 @@ class _WindowAttention(torch.autograd.Function):
     than its q, k and v). The softmax and its backward are single fused kernels that accumulate in
     float32 (one pass each over the probabilities), and masked positions get no gradient without a
     pass of their own (their probability is 0). Dropout (on the probabilities, as SDPA's) keeps a
-    bool mask for backward."""
+    bool mask for backward. q, k, v and the incoming gradient are made contiguous once (each feeds
+    two matmuls, which would otherwise each copy a strided view)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float) -> Tensor:
         scale = q.shape[-1] ** -0.5
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with torch.autocast(q.device.type, enabled=False):
             scores = torch.matmul(q * scale, k.transpose(-1, -2))
             if attn_mask is not None:
@@ -385,7 +387,7 @@ class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, probs, keep = ctx.saved_tensors
-        grad_out = grad_out.to(q.dtype)
+        grad_out = grad_out.to(q.dtype).contiguous()
         grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))
         if keep is None:
             grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
