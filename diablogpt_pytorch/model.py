@@ -813,8 +813,9 @@ class DIABLOGPT(nn.Module):
         seq, labels = seq[:, :-1], seq[:, 1:]
         hidden = self._run(seq, retrieved, cache=None)
         # The (b, n, num_tokens) logits never exist all at once: the loss makes them loss_chunk
-        # rows at a time, in float32 softmax, and (when gradients are wanted) takes its gradients
-        # from them right away, so the backward pass does not remake them.
+        # rows at a time, through one fused softmax that accumulates in float32, and (when
+        # gradients are wanted) takes its gradients from them right away, so the backward pass
+        # does not remake them.
         device_type = hidden.device.type
         compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                          else self.to_logits.weight.dtype)
