@@ -21,9 +21,7 @@ rounds after two warm-up calls.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diablogpt_pytorch.model import _WindowAttention  # noqa: E402
+
+from _timing import alternating_median_ms  # noqa: E402
 
 SHAPES = {  # name: (batch, query length, key length, causal, padding mask)
     "decoder self-attention (causal)": (1, 2048, 2048, True, False),
@@ -85,16 +85,10 @@ def main() -> None:
             torch.autograd.grad(out, (x_q, x_kv), grad_out)
             return True
 
-        ways = {w: f for w, f in WAYS.items() if run(f)}
-        for f in ways.values():
-            run(f)
-        times = {w: [] for w in ways}
-        for _ in range(args.reps):
-            for w, f in ways.items():
-                t0 = time.perf_counter()
-                run(f)
-                times[w].append((time.perf_counter() - t0) * 1e3)
-        cells = [f"{statistics.median(times[w]):14.1f}" if w in times else f"{'-':>14s}" for w in WAYS]
+        # the first call (untimed) also sorts out a way that does not apply to this shape
+        ways = {w: (lambda f=f: run(f)) for w, f in WAYS.items() if run(f)}
+        ms = alternating_median_ms(ways, args.reps, warmup=1)
+        cells = [f"{ms[w]:14.1f}" if w in ms else f"{'-':>14s}" for w in WAYS]
         print(f"{name:34s}" + "".join(cells))
 
 

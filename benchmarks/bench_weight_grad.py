@@ -13,10 +13,10 @@ copy included), and prints the ratio. Shapes: N = 2048 decoder tokens or 8192 en
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+
+from _timing import alternating_median_ms
 
 SHAPES = [  # (tokens, out, in)
     (2048, 768, 3072),   # decoder feed-forward output projection
@@ -39,16 +39,7 @@ def main() -> None:
             g = torch.randn(n, out).to(dtype)
             x = torch.randn(n, inn).to(dtype)
             ways = {"transposed": lambda: g.t() @ x, "contiguous": lambda: g.t().contiguous() @ x}
-            for f in ways.values():
-                f()
-                f()
-            times = {w: [] for w in ways}
-            for _ in range(args.reps):
-                for w, f in ways.items():
-                    t0 = time.perf_counter()
-                    f()
-                    times[w].append((time.perf_counter() - t0) * 1e3)
-            a, b = (statistics.median(times[w]) for w in ways)
+            a, b = alternating_median_ms(ways, args.reps).values()
             name = str(dtype).replace("torch.", "")
             print(f"{name:8s} {n:6d} {out:5d} {inn:5d} {a:10.1f} {b:11.1f} {a / b:8.2f}x")
 
