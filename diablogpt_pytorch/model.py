@@ -108,7 +108,7 @@ def _scale_rows(x: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
 def _weight_grad(grad_flat: Tensor, inp: Tensor) -> Tensor:
     """A linear layer's weight gradient ``grad_flat.T @ inp``: (N, out), (N, in) -> (out, in). In
     bf16 on CPU when in >= 2 out (the feed-forward's output projection, in = 4 out), the transposed
-    left operand is copied contiguous first: oneDNN's bf16 matmul is 1.2-1.4x faster then, copy
+    left operand is copied contiguous first: oneDNN's bf16 matmul is 1.2-1.5x faster then, copy
     included, while for the narrower shapes and in float32 the copy does not pay
     (``python benchmarks/bench_weight_grad.py``)."""
     lhs = grad_flat.t()
