@@ -6,11 +6,25 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 GiB = 2 ** 30
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a temporary name beside ``path`` (same suffix), then rename it onto
+    ``path``: an interrupted or failed write leaves the previous file whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _optimizer_sentence(tr) -> str:
@@ -237,7 +251,7 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
             for row in v["top"][:12]:
                 lines.append(f"| `{row['op']}` | {row['self_cpu_s']:.2f} | {row['self_pct']:.1f} | {row['calls']} |")
             lines.append("")
-    md_path.write_text("\n".join(lines) + "\n")
+    write_atomically(md_path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     _plot(results, png_path)
 
 
@@ -299,7 +313,7 @@ def _plot(results: dict, png_path: Path) -> None:
     fig.suptitle("diablogpt_pytorch vs RETRO-pytorch, seed config, CPU (benchmarks/compare_reference.py)",
                  fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(png_path, dpi=110)
+    write_atomically(png_path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
 
 

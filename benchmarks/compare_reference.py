@@ -47,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import write_atomically, write_report  # benchmarks/ is this script's directory
+
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 WORKER = HERE / "_worker.py"
@@ -421,10 +423,11 @@ def part_profile(runner: Runner, args, cfg: dict) -> dict:
         log(f"profile ours {dt}")
         res = runner.run("ours", dict(kind="profile", cfg=cfg, seed=args.seed, batch=1, k=args.k,
                                       warmup=args.warmup, dtype=dt, top=25))
-        (HERE / f"profile_ours_{dt}.txt").write_text(
-            f"torch.profiler, one training step of diablogpt_pytorch at the seed config ({dt}), "
-            f"after {args.warmup} warm-up step(s); wall {res['step_s_profiled']:.2f} s under the "
-            f"profiler\n\n{res['table']}\n")
+        text = (f"torch.profiler, one training step of diablogpt_pytorch at the seed config ({dt}), "
+                f"after {args.warmup} warm-up step(s); wall {res['step_s_profiled']:.2f} s under the "
+                f"profiler\n\n{res['table']}\n")
+        # beside the results file: a trial run with --out elsewhere leaves the committed tables alone
+        write_atomically(args.out.parent / f"profile_ours_{dt}.txt", lambda tmp: tmp.write_text(text))
         out[dt] = {k: res[k] for k in ("step_s_profiled", "total_self_cpu_s", "top")}
     return out
 
@@ -481,8 +484,12 @@ def parse_args(argv=None):
     p.add_argument("--db-folder", default=None, help="text folder (default: the pydoc-topics corpus)")
     p.add_argument("--ours-python", default=sys.executable)
     p.add_argument("--ref-python", default=None, help="an existing reference interpreter (skips the venv)")
-    p.add_argument("--out", type=Path, default=RESULTS_JSON)
-    p.add_argument("--no-report", action="store_true", help="do not rewrite BENCHMARKS.md / results.png")
+    p.add_argument("--out", type=Path, default=RESULTS_JSON,
+                   help="raw results file, read first (parts not measured keep their results) and "
+                        "rewritten; the profile part's tables go beside it")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not rewrite BENCHMARKS.md / results.png (--out is still written: give it another "
+                        "path for a trial run that leaves the committed results alone)")
     args = p.parse_args(argv)
     args.parts = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in args.parts if x not in ALL_PARTS]
@@ -521,7 +528,7 @@ def main(argv=None) -> dict:
                 parts[name] = {"error": f"{type(e).__name__}: {e}"}
             parts[name]["measured_at_utc"] = info["when_utc"]
             parts[name]["ours_code"] = runner.snapshot
-            args.out.write_text(json.dumps(results, indent=1))  # progress survives an interruption
+            write_atomically(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))  # progress survives an interruption
         try:
             info["loadavg_end"] = os.getloadavg()
         except OSError:
@@ -536,12 +543,9 @@ def main(argv=None) -> dict:
             lib: subprocess.run([py, "-c", "import torch; print(torch.__version__)"],
                                 capture_output=True, text=True).stdout.strip()
             for lib, py in runner.py.items()}
-    args.out.write_text(json.dumps(results, indent=1))
+    write_atomically(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     log(f"wrote {args.out} ({info['run_s'] / 60:.1f} min)")
     if not args.no_report:
-        sys.path.insert(0, str(HERE))
-        from _report import write_report
-
         write_report(results, BENCHMARKS_MD, RESULTS_PNG)
         log(f"wrote {BENCHMARKS_MD} and {RESULTS_PNG}")
     print(json.dumps(summary(results), indent=1))
