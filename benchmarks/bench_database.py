@@ -38,6 +38,8 @@ from diablogpt_pytorch import embedder as emb  # noqa: E402
 from diablogpt_pytorch import index as idx  # noqa: E402
 from diablogpt_pytorch import retrieval  # noqa: E402
 
+from _report import write_atomically  # noqa: E402  (benchmarks/ is this script's directory)
+
 
 def write_corpus(folder: Path, megabytes: float) -> tuple[int, int]:
     """pydoc topics + stdlib docstrings, one document per file, until ``megabytes`` of text."""
@@ -218,7 +220,7 @@ def main() -> None:
 
     print(json.dumps(results, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_atomically(Path(args.json), lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
 
 
 def _cpu_name() -> str:

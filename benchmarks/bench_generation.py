@@ -39,6 +39,8 @@ from diablogpt_pytorch.corpus import write_default_corpus
 from diablogpt_pytorch.generation import generate
 from diablogpt_pytorch.retrieval import Retriever, chunks_to_precalculated_knn_, text_folder_to_chunks_
 
+from _report import write_atomically  # benchmarks/ is this script's directory
+
 CONFIGS = {
     # name: (model kwargs, tokens to generate)
     "small": (dict(max_seq_len=2048, enc_dim=256, enc_depth=2, dec_dim=256, dec_depth=6,
@@ -184,7 +186,7 @@ def main() -> None:
             results.append(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    write_atomically(out, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
     print(f"wrote {out}")
 
 

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _report import write_atomically  # noqa: E402
 from compare_reference import analytic_train_flops  # noqa: E402
 
 from diablogpt_pytorch import DIABLOGPT  # noqa: E402
@@ -113,7 +114,7 @@ def main() -> None:
         "losses": losses,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_atomically(args.out, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     print(f"{result['device']}: {step_s * 1e3:.1f} ms/step, {result['tokens_per_s']:.0f} tokens/s, "
           f"{achieved:.1f} TFLOP/s = MFU {100 * result['mfu_vs_peak']:.1f}% of {args.peak_tflops:.0f} "
           f"({100 * result['mfu_vs_measured_matmul']:.1f}% of the measured {measured:.0f} TFLOP/s bf16 "
