@@ -10,8 +10,8 @@ copy included), and prints the ratio. Two more columns bound what any layout tri
 same product from an already contiguous ``g.T`` (copy excluded: the layout oneDNN multiplies
 fastest) and the transposing copy alone. In bf16 the transposed product runs at about half the
 rate of the contiguous one, but torch's transposing copy costs about as much as that difference,
-so the copy pays only where g is the narrow operand (in = 4 out). Shapes: N = 2048 decoder tokens or 8192 encoder
-(neighbour) tokens; (out, in) of the feed-forward and attention projections.
+so the copy pays only where g is the narrow operand (in = 4 out). Shapes: N = 2048 decoder tokens
+or 8192 encoder (neighbour) tokens; (out, in) of the feed-forward and attention projections.
 """
 
 from __future__ import annotations

@@ -528,7 +528,8 @@ def main(argv=None) -> dict:
                 parts[name] = {"error": f"{type(e).__name__}: {e}"}
             parts[name]["measured_at_utc"] = info["when_utc"]
             parts[name]["ours_code"] = runner.snapshot
-            write_atomically(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))  # progress survives an interruption
+            # after every part, so that the progress survives an interruption
+            write_atomically(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
         try:
             info["loadavg_end"] = os.getloadavg()
         except OSError:
