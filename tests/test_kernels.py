@@ -67,13 +67,14 @@ def test_fused_norm_linear_passes_gradcheck(bias):
     assert torch.autograd.gradcheck(fused, inputs)
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_norm_linear_equals_norm_then_linear(autocast):
+@pytest.mark.parametrize("autocast, x_dtype", [(False, torch.float32), (True, torch.float32),
+                                                (True, torch.bfloat16)])  # a bf16 x: the encoder's stream
+def test_norm_linear_equals_norm_then_linear(autocast, x_dtype):
     torch.manual_seed(8)
     norm, linear = RMSNorm(24), torch.nn.Linear(24, 40)
     with torch.no_grad():
         norm.gamma.uniform_(0.5, 1.5)
-    x = torch.randn(3, 7, 24, requires_grad=True)
+    x = torch.randn(3, 7, 24).to(x_dtype).requires_grad_()
     grad_out = torch.randn(3, 7, 40)
     params = (x, norm.gamma, linear.weight, linear.bias)
     results = []
@@ -97,6 +98,7 @@ def test_norm_linear_equals_norm_then_linear(autocast):
         return ((a.double() - b).abs().max() / b.abs().max()).item()
 
     assert err(out_f, ref) < 1e-2 and err(out_u, ref) < 1e-2
+    assert grads_f[0].dtype == x_dtype
     for a, b, r in zip(grads_f, grads_u, ref_grads):
         assert a.dtype == b.dtype
         assert err(a, r) < 1e-2 and err(b, r) < 1e-2, (err(a, r), err(b, r))
