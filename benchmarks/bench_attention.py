@@ -1,6 +1,6 @@
 """Attention forward + backward at the model's shapes on CPU: the ways bf16 training could run it.
 
-    python benchmarks/bench_attention.py [--reps 5]
+    python benchmarks/bench_attention.py [--reps 5] [--inputs fp32]
 
 Why ``model._attention`` sends the short non-causal windows to ``_WindowAttention`` under bf16
 autocast on CPU, and leaves the long causal decoder attention on torch's flash attention. For each
@@ -15,7 +15,8 @@ process and alternating, forward + backward of:
 
 Inputs come out of a projection (views of one qkv/kv tensor) and grads go back through the
 (b, n, h*d) layout, as in the model. Figures are milliseconds per call, the median over ``--reps``
-rounds after two warm-up calls.
+rounds after two warm-up calls. ``--inputs fp32`` times float32 training instead (``sdpa fp32``
+against ``window fp32``), the case ``model._attention`` leaves on SDPA.
 """
 
 from __future__ import annotations
@@ -54,26 +55,30 @@ def window(q, k, v, mask, causal):
     return _WindowAttention.apply(q, k, v, mask, 0.0)
 
 
-WAYS = {"sdpa bf16": sdpa(torch.bfloat16), "sdpa fp32": sdpa(torch.float32), "window bf16": window}
+WAYS = {"bf16": {"sdpa bf16": sdpa(torch.bfloat16), "sdpa fp32": sdpa(torch.float32), "window bf16": window},
+        "fp32": {"sdpa fp32": sdpa(torch.float32), "window fp32": window}}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--inputs", choices=tuple(WAYS), default="bf16", help="dtype of the projections (training dtype)")
     args = p.parse_args()
+    named = WAYS[args.inputs]
+    dtype = torch.bfloat16 if args.inputs == "bf16" else torch.float32
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per forward + backward, "
           f"median of {args.reps}")
-    print(f"{'shape':34s}" + "".join(f"{w:>14s}" for w in WAYS))
+    print(f"{'shape':34s}" + "".join(f"{w:>14s}" for w in named))
     for name, (batch, lq, lk, causal, masked) in SHAPES.items():
         g = torch.Generator().manual_seed(0)
         inner = HEADS * DIM_HEAD
-        x_q = torch.randn(batch, lq, inner, generator=g).bfloat16().requires_grad_()
-        x_kv = torch.randn(batch, lk, 2 * inner, generator=g).bfloat16().requires_grad_()
+        x_q = torch.randn(batch, lq, inner, generator=g).to(dtype).requires_grad_()
+        x_kv = torch.randn(batch, lk, 2 * inner, generator=g).to(dtype).requires_grad_()
         mask = None
         if masked:
             mask = torch.rand(batch, 1, 1, lk, generator=g) > 0.1
             mask[..., 0] = True
-        grad_out = torch.randn(batch, lq, inner, generator=g).bfloat16()
+        grad_out = torch.randn(batch, lq, inner, generator=g).to(dtype)
 
         def run(attend):
             q = x_q.view(batch, lq, HEADS, DIM_HEAD).transpose(1, 2)
@@ -86,9 +91,9 @@ def main() -> None:
             return True
 
         # the first call (untimed) also sorts out a way that does not apply to this shape
-        ways = {w: (lambda f=f: run(f)) for w, f in WAYS.items() if run(f)}
+        ways = {w: (lambda f=f: run(f)) for w, f in named.items() if run(f)}
         ms = alternating_median_ms(ways, args.reps, warmup=1)
-        cells = [f"{ms[w]:14.1f}" if w in ms else f"{'-':>14s}" for w in WAYS]
+        cells = [f"{ms[w]:14.1f}" if w in ms else f"{'-':>14s}" for w in named]
         print(f"{name:34s}" + "".join(cells))
 
 

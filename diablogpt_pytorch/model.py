@@ -348,7 +348,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = No
     self-attention, the encoder's cross-attention and CCA: at most ``_WINDOW_MAX_KEYS`` keys),
     which take :class:`_WindowAttention`: torch's CPU flash-attention backward is slow in bf16
     at those shapes (``python benchmarks/bench_attention.py``). The long causal decoder attention,
-    float32, CUDA and inference stay on SDPA."""
+    float32 (where the window way is the slower one: ``--inputs fp32``), CUDA and inference stay
+    on SDPA."""
     if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and not is_causal
             and k.shape[-2] <= _WINDOW_MAX_KEYS and torch.is_grad_enabled()
             and (q.requires_grad or k.requires_grad or v.requires_grad)):
