@@ -115,10 +115,12 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(args.out, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    gib = result["peak_memory_gib"]
+    memory = "n/a (no allocator statistics off CUDA)" if gib is None else f"{gib:.1f} GiB"
     print(f"{result['device']}: {step_s * 1e3:.1f} ms/step, {result['tokens_per_s']:.0f} tokens/s, "
           f"{achieved:.1f} TFLOP/s = MFU {100 * result['mfu_vs_peak']:.1f}% of {args.peak_tflops:.0f} "
           f"({100 * result['mfu_vs_measured_matmul']:.1f}% of the measured {measured:.0f} TFLOP/s bf16 "
-          f"matmul); peak memory {result['peak_memory_gib'] or float('nan'):.1f} GiB; wrote {args.out}")
+          f"matmul); peak memory {memory}; wrote {args.out}")
 
 
 if __name__ == "__main__":
