@@ -156,10 +156,12 @@ class _RMSNormLinear(torch.autograd.Function):
         # through normed = x * r:  d/dx = r * u - x * r^3 * mean(u * x) = r * (u - normed * mean(u * normed)).
         # The projection is formed in u's dtype (under bf16 one rounding on top of u's own, of the
         # same size), then scaled by r in x's dtype: two passes, where float32 copies of u and
-        # normed took four. r is cast to x's dtype first (a bf16 x: r rounded once, like the
-        # product itself), since a bf16 product with a float32 operand runs at half the speed.
+        # normed took four. For a bf16 x, r is rounded to bf16 first (once, like the product
+        # itself): a bf16 product with a float32 operand runs at half the speed on CPU. float16
+        # keeps the float32 r, whose range it lacks.
         s = torch.linalg.vecdot(u, normed)[..., None]
-        grad_x = torch.addcmul(u, normed, s / d, value=-1).to(ctx.x_dtype).mul_(rstd.to(ctx.x_dtype))
+        r = rstd.to(torch.bfloat16) if ctx.x_dtype == torch.bfloat16 else rstd
+        grad_x = torch.addcmul(u, normed, s / d, value=-1).to(ctx.x_dtype).mul_(r)
         return grad_x, grad_gain, None, grad_weight, grad_bias, None
 
 
