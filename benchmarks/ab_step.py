@@ -28,10 +28,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from diablogpt_pytorch.training import get_optimizer  # noqa: E402
+from _worker import make_batch, make_optimizer, train_step  # noqa: E402
+from compare_reference import SEED_ARCHITECTURE  # noqa: E402
 
-SEED_CONFIG = dict(num_tokens=30522, max_seq_len=2048, enc_dim=896, enc_depth=3, dec_dim=768,
-                   dec_depth=12, dec_cross_attn_layers=(1, 3, 6, 9), heads=8, dim_head=64)
+SEED_CONFIG = dict(num_tokens=30522, max_seq_len=2048, **SEED_ARCHITECTURE)
 
 
 def load_module(path: Path, name: str):
@@ -57,23 +57,15 @@ def main() -> None:
         versions = {"old": load_module(old_path, "ab_model_old"),
                     "new": load_module(REPO / "diablogpt_pytorch" / "model.py", "ab_model_new")}
 
-    g = torch.Generator().manual_seed(1)
-    seq = torch.randint(1, SEED_CONFIG["num_tokens"], (1, SEED_CONFIG["max_seq_len"] + 1), generator=g)
-    retrieved = torch.randint(1, SEED_CONFIG["num_tokens"], (1, 32, 2, 128), generator=g)
-    retrieved[:, -1, -1, 64:] = 0
+    seq, retrieved = make_batch(SEED_CONFIG, batch=1, k=2, seed=1)  # compare_reference's batch
     runs = {}
     for name, module in versions.items():
         torch.manual_seed(0)
         model = module.DIABLOGPT(**SEED_CONFIG).train()
-        runs[name] = (model, get_optimizer(model, lr=3e-4, wd=0.1))
+        runs[name] = (model, make_optimizer("ours", model))
 
     def step(model, opt) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-            loss = model(seq, retrieved, return_loss=True)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return train_step(model, opt, seq, retrieved, args.dtype)
 
     for run in runs.values():
         step(*run)  # warm-up: allocates the AdamW state

@@ -189,13 +189,16 @@ def snapshot_ours(dest: Path) -> tuple[Path, dict]:
                   "package_sha256": digest.hexdigest()[:16]}
 
 
+# the seed README's RETRO(...) architecture (ab_step.py and gpu_step.py build it too)
+SEED_ARCHITECTURE = dict(enc_dim=896, enc_depth=3, dec_dim=768, dec_depth=12,
+                         dec_cross_attn_layers=[1, 3, 6, 9], heads=8, dim_head=64, chunk_size=64)
+
+
 def seed_config(args) -> dict:
     """The seed README's RETRO(...) config; the same dict builds both libraries' models."""
-    return dict(num_tokens=args.num_tokens, max_seq_len=args.seq_len, enc_dim=896, enc_depth=3,
-                dec_dim=768, dec_depth=12, dec_cross_attn_layers=[1, 3, 6, 9], heads=8,
-                dim_head=64, chunk_size=64, dec_attn_dropout=args.dropout,
-                dec_ff_dropout=args.dropout, enc_attn_dropout=args.dropout,
-                enc_ff_dropout=args.dropout)
+    return dict(num_tokens=args.num_tokens, max_seq_len=args.seq_len, **SEED_ARCHITECTURE,
+                dec_attn_dropout=args.dropout, dec_ff_dropout=args.dropout,
+                enc_attn_dropout=args.dropout, enc_ff_dropout=args.dropout)
 
 
 def median(xs):

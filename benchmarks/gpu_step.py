@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import write_atomically  # noqa: E402
-from compare_reference import analytic_train_flops  # noqa: E402
+from compare_reference import SEED_ARCHITECTURE, analytic_train_flops  # noqa: E402
 
 from diablogpt_pytorch import DIABLOGPT  # noqa: E402
 from diablogpt_pytorch.training import get_optimizer  # noqa: E402
@@ -68,8 +68,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: pass --device cpu for a smoke run")
-    cfg = dict(num_tokens=30522, max_seq_len=args.seq_len, enc_dim=896, enc_depth=3, dec_dim=768,
-               dec_depth=12, dec_cross_attn_layers=(1, 3, 6, 9), heads=8, dim_head=64)
+    cfg = dict(num_tokens=30522, max_seq_len=args.seq_len, **SEED_ARCHITECTURE)
     torch.manual_seed(0)
     model = DIABLOGPT(**cfg).to(device).train()
     opt = get_optimizer(model, lr=3e-4, wd=0.1)

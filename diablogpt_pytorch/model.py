@@ -227,10 +227,11 @@ class _LMHeadLoss(torch.autograd.Function):
         # (the gradient logits of up to _LM_HEAD_GROUP_ROWS rows are kept in that dtype): one
         # rounding and one accumulation per group instead of one per chunk. In float32 each chunk
         # accumulates straight into the gradient (addmm_, no temporary).
-        group = n if not with_grads or compute_dtype == acc else max(chunk, _LM_HEAD_GROUP_ROWS)
+        grouped = with_grads and compute_dtype != acc
+        group = max(chunk, _LM_HEAD_GROUP_ROWS) if grouped else n
         for group_begin in range(0, n, group):
             group_end = min(n, group_begin + group)
-            if with_grads and compute_dtype != acc:
+            if grouped:
                 grad_logits = torch.empty(group_end - group_begin, w.shape[0], dtype=compute_dtype,
                                           device=hidden.device)
             for begin in range(group_begin, group_end, chunk):
@@ -240,9 +241,7 @@ class _LMHeadLoss(torch.autograd.Function):
                 target = labels[rows]
                 keep = target != ignore_index
                 safe_target = target.clamp(min=0)
-                out = None
-                if with_grads and compute_dtype != acc:
-                    out = grad_logits[begin - group_begin: rows.stop - group_begin]
+                out = grad_logits[begin - group_begin: rows.stop - group_begin] if grouped else None
                 probs = torch.softmax(logits, dim=-1, out=out)
                 picked = _log_picked(probs, logits, safe_target, acc)
                 total -= (picked * keep.to(acc)).sum()
@@ -252,9 +251,9 @@ class _LMHeadLoss(torch.autograd.Function):
                 if not bool(keep.all()):
                     probs.mul_(keep.to(probs.dtype)[:, None])
                 grad_hidden[rows] = (probs @ w).to(hidden.dtype)
-                if compute_dtype == acc:
+                if not grouped:
                     grad_weight = probs.t() @ h if grad_weight is None else grad_weight.addmm_(probs.t(), h)
-            if with_grads and compute_dtype != acc:
+            if grouped:
                 part = grad_logits.t() @ hidden[group_begin:group_end].to(compute_dtype)
                 grad_weight = part.to(acc) if grad_weight is None else grad_weight.add_(part)
         if with_grads:
