@@ -189,7 +189,10 @@ def exclusion_mask(cand_ids: np.ndarray, *, self_ids: Optional[np.ndarray] = Non
                    query_doc_ids: Optional[np.ndarray] = None, doc_ids: Optional[np.ndarray] = None,
                    exclude_doc_ids: Optional[Sequence[Iterable[int]]] = None) -> np.ndarray:
     """bool (b, m): candidate is the query itself, or from the query's document, or from a
-    document listed for that row in ``exclude_doc_ids``. ``doc_ids`` maps chunk id -> document."""
+    document listed for that row in ``exclude_doc_ids``. ``doc_ids`` maps chunk id -> document.
+
+    ``exclude_doc_ids`` is one iterable of document ids per row, or an int array (b, D) of them
+    padded with -1 (compared in one vectorised pass)."""
     cand_ids = np.asarray(cand_ids, dtype=np.int64)
     mask = np.zeros(cand_ids.shape, dtype=bool)
     if self_ids is not None:
@@ -204,7 +207,10 @@ def exclusion_mask(cand_ids: np.ndarray, *, self_ids: Optional[np.ndarray] = Non
     cand_docs = np.asarray(doc_ids[uniq], dtype=np.int64)[inverse].reshape(cand_ids.shape)
     if query_doc_ids is not None:
         mask |= cand_docs == np.asarray(query_doc_ids, dtype=np.int64)[:, None]
-    if exclude_doc_ids is not None:
+    if isinstance(exclude_doc_ids, np.ndarray) and exclude_doc_ids.ndim == 2:
+        excl = exclude_doc_ids.astype(np.int64, copy=False)
+        mask |= ((cand_docs[:, :, None] == excl[:, None, :]) & (excl[:, None, :] >= 0)).any(-1)
+    elif exclude_doc_ids is not None:
         for row, docs in enumerate(exclude_doc_ids):
             docs = np.atleast_1d(np.asarray(list(docs) if not np.isscalar(docs) else docs,
                                             dtype=np.int64))
@@ -230,7 +236,8 @@ def search_excluding(index, queries: np.ndarray, k: int, *, num_extra: int = 10,
         self_ids: int (b,) the queries' own chunk ids (excluded by id).
         query_doc_ids: int (b,) the queries' documents (their chunks are excluded).
         doc_ids: int (N,) document of every indexed chunk.
-        exclude_doc_ids: per query, more documents to exclude.
+        exclude_doc_ids: per query, more documents to exclude (iterables, or an int array
+            (b, D) padded with -1).
 
     Returns:
         ids int64 (b, k) (-1 where none), scores float32 (b, k).
@@ -246,7 +253,9 @@ def search_excluding(index, queries: np.ndarray, k: int, *, num_extra: int = 10,
         sub = lambda a: None if a is None else np.asarray(a)[rows]  # noqa: E731
         excl = exclusion_mask(
             ids, self_ids=sub(self_ids), query_doc_ids=sub(query_doc_ids), doc_ids=doc_ids,
-            exclude_doc_ids=None if exclude_doc_ids is None else [exclude_doc_ids[r] for r in rows])
+            exclude_doc_ids=None if exclude_doc_ids is None else (
+                exclude_doc_ids[rows] if isinstance(exclude_doc_ids, np.ndarray)
+                else [exclude_doc_ids[r] for r in rows]))
         got_ids, got_scores, num_valid = rank_candidates(ids, scores, k, excluded=excl)
         out_ids[rows] = got_ids
         out_scores[rows] = got_scores

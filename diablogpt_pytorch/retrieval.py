@@ -382,6 +382,41 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
     return stats
 
 
+def sequence_documents(seq_starts: np.ndarray, doc_ids: np.ndarray, chunks_per_seq: int
+                       ) -> np.ndarray:
+    """For every chunk, the documents of the training sequence(s) it belongs to.
+
+    Sequence ``s`` holds chunks ``seq_starts[s] .. seq_starts[s] + chunks_per_seq - 1`` (packing
+    puts several documents into one sequence). A neighbour from any of these documents would let
+    the model read the sequence's own text through cross-attention (for a later document of the
+    sequence: tokens it has not seen yet), so the paper excludes them all.
+
+    Returns:
+        int64 (num_chunks, D), each row its chunk's sequence documents padded with -1 (D is the
+        most documents any chunk's sequences hold; chunks in no sequence have none).
+    """
+    num_chunks = len(doc_ids)
+    per_seq = []
+    for start in np.asarray(seq_starts, dtype=np.int64):
+        stop = min(int(start) + chunks_per_seq, num_chunks)
+        per_seq.append((int(start), stop, np.unique(np.asarray(doc_ids[start:stop], dtype=np.int64))))
+    width = max((len(d) for _, _, d in per_seq), default=0)
+    out = np.full((num_chunks, max(width, 1)), -1, dtype=np.int64)
+    filled = np.zeros(num_chunks, dtype=bool)
+    for start, stop, docs in per_seq:
+        overlap = np.flatnonzero(filled[start:stop]) + start
+        earlier = [out[c][out[c] >= 0] for c in overlap]
+        out[start:stop, : len(docs)] = docs
+        for c, prev in zip(overlap, earlier):  # in several (hand-made) sequences: the union
+            merged = np.union1d(prev, docs)
+            if len(merged) > out.shape[1]:
+                out = np.pad(out, ((0, 0), (0, len(merged) - out.shape[1])), constant_values=-1)
+            out[c] = -1
+            out[c, : len(merged)] = merged
+        filled[start:stop] = True
+    return out
+
+
 # ----------------------------------------------------------------------------- embeddings, index
 
 
@@ -498,7 +533,9 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
                                  knn_batch_size: int = 4096, max_search_k: int = 4096,
                                  embedder: Optional[str] = None,
                                  device: Union[str, torch.device] = "cpu", dtype=None,
-                                 faiss_gpu: bool = False, force_reprocess: bool = False):
+                                 faiss_gpu: bool = False, force_reprocess: bool = False,
+                                 seqs_memmap_path: Optional[PathLike] = None,
+                                 num_seqs: Optional[int] = None, seq_len: Optional[int] = None):
     """Precompute each chunk's K nearest neighbours from OTHER documents.
 
     Builds (or reuses) embeddings and index with :func:`chunks_to_index_and_embed`, then searches
@@ -507,6 +544,11 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
     document (by ``doc_ids``) are excluded and rank last. A row left with fewer than K is
     searched again with twice the candidates, up to ``max_search_k``; slots still empty after
     that (the corpus has too few other-document chunks) hold -1.
+
+    With ``seqs_memmap_path`` (and ``num_seqs``, ``seq_len``: the training sequences), every
+    document packed into the same training sequence as the chunk is excluded too (see
+    :func:`sequence_documents`): the paper's rule, so that no neighbour shows a sequence its own
+    text. ``TrainingWrapper`` always passes them.
 
     Writes ``<dir>/<stem>.knn<suffix>`` (``train.chunks.dat`` -> ``train.chunks.knn.dat``),
     int32 (num_chunks, num_nearest_neighbors), nearest first.
@@ -519,6 +561,16 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
     if num_extra_neighbors < 0:
         raise ValueError(f"num_extra_neighbors must be >= 0, got {num_extra_neighbors}")
     doc_ids = open_doc_ids(doc_ids_memmap_path, num_chunks)
+    seq_docs = None
+    if seqs_memmap_path is not None:
+        if num_seqs is None or seq_len is None or seq_len % chunk_size:
+            raise ValueError(
+                f"seqs_memmap_path={str(seqs_memmap_path)!r} needs num_seqs and seq_len (a "
+                f"multiple of chunk_size={chunk_size}); got num_seqs={num_seqs}, seq_len={seq_len}")
+        seqs = open_int32_memmap(seqs_memmap_path, (num_seqs,), "seqs memmap",
+                                 missing_fix="build it with text_folder_to_chunks_",
+                                 mismatch_fix="pass the num_seqs text_folder_to_chunks_ returned")
+        seq_docs = sequence_documents(seqs, doc_ids, seq_len // chunk_size)
     index, embeddings = chunks_to_index_and_embed(
         num_chunks, chunk_size, chunk_memmap_path, use_cls_repr=use_cls_repr,
         chunks_to_embeddings_batch_size=chunks_to_embeddings_batch_size, embed_dim=embed_dim,
@@ -530,7 +582,9 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
     inputs = {"kind": "knn", "version": FORMAT_VERSION, "index": _fingerprint(index_path),
               "doc_ids": _fingerprint(doc_ids_memmap_path), "num_chunks": num_chunks,
               "num_nearest_neighbors": num_nearest_neighbors,
-              "num_extra_neighbors": num_extra_neighbors, "max_search_k": max_search_k}
+              "num_extra_neighbors": num_extra_neighbors, "max_search_k": max_search_k,
+              "sequences": None if seq_docs is None else {
+                  "seqs": _fingerprint(seqs_memmap_path), "seq_len": seq_len}}
     if _cached([knn_path], inputs, "knn", force_reprocess) is not None:
         return knn_path, index
 
@@ -544,7 +598,8 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
             ids, _ = idx.search_excluding(
                 index, embeddings[start:stop], K, num_extra=num_extra_neighbors,
                 self_ids=np.arange(start, stop), query_doc_ids=np.asarray(doc_ids[start:stop]),
-                doc_ids=doc_ids, max_k=max_search_k)
+                doc_ids=doc_ids, max_k=max_search_k,
+                exclude_doc_ids=None if seq_docs is None else seq_docs[start:stop])
             knn[start:stop] = ids
             incomplete += int((ids < 0).any(axis=1).sum())
         knn.flush()

@@ -255,6 +255,10 @@ class TrainingWrapper:
                 embedder=self.embedder,
                 device=self.embed_device,
                 dtype=self.embed_dtype,
+                # no neighbour from any document packed into the chunk's training sequence
+                seqs_memmap_path=paths["seqs"],
+                num_seqs=stats["seqs"],
+                seq_len=self.seq_len,
             )
         else:
             if stats["docs"] + stats.get("empty_docs", 0) != len(documents) or stats.get("truncated"):
@@ -468,6 +472,18 @@ class TrainingWrapper:
         if self.bf16:
             kwargs.setdefault("autocast_dtype", torch.bfloat16)
         return _generate(self.model, self.retriever, start=start, retrieved=retrieved, **kwargs)
+
+
+def lr_schedule(step: int, steps: int, peak: float, warmup: Optional[int] = None,
+                floor: float = 0.1) -> float:
+    """The main job's learning rate at ``step`` (0-based) of ``steps``: linear warm-up over
+    ``warmup`` steps (default ``min(100, max(1, steps // 10))``), then cosine decay from ``peak``
+    to ``floor * peak`` at the last step."""
+    warmup = min(100, max(1, steps // 10)) if warmup is None else max(1, int(warmup))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class StepBatchSampler(torch.utils.data.Sampler):

@@ -189,6 +189,55 @@ def database(tmp_path_factory):
                 chunks=chunks, doc_ids=doc_ids)
 
 
+def test_no_neighbour_comes_from_a_document_of_the_same_training_sequence(tmp_path):
+    # short documents, each written twice under adjacent names: packing puts twins into the same
+    # training sequence, where each would be the other's nearest neighbour
+    docs = {}
+    for name, text in real_documents(6, chars=140).items():
+        docs[name.replace(".txt", "_a.txt")] = text
+        docs[name.replace(".txt", "_b.txt")] = text
+    folder = write(tmp_path / "docs", docs)
+    out = tmp_path / "out"
+    stats = chunk(folder, out)
+    n, seq_len = stats["chunks"], 4 * C
+    args = dict(num_nearest_neighbors=K, num_chunks=n, chunk_size=C,
+                chunk_memmap_path=out / "db.chunks.dat", doc_ids_memmap_path=out / "db.doc_ids.dat",
+                num_extra_neighbors=2)
+    doc_ids = np.fromfile(out / "db.doc_ids.dat", dtype=np.int32)
+    seqs = np.fromfile(out / "db.seq.dat", dtype=np.int32)
+    assert len(seqs) == stats["seqs"] and stats["docs"] > stats["seqs"]  # sequences hold several
+
+    def violations(knn):
+        bad = 0
+        for start in seqs:
+            rows = slice(start, min(start + seq_len // C, n))
+            own = set(doc_ids[rows].tolist())
+            bad += sum(int(doc_ids[j]) in own for j in knn[rows].reshape(-1) if j >= 0)
+        return bad
+
+    # the document rule alone lets a chunk retrieve its twin in the same sequence
+    plain, _ = retrieval.chunks_to_precalculated_knn_(**args)
+    assert violations(np.fromfile(plain, dtype=np.int32).reshape(n, K)) > 0
+    # with the sequences given, no neighbour of any chunk comes from a document of its sequence,
+    # and the knn file is rebuilt (its inputs changed) rather than reused
+    path, _ = retrieval.chunks_to_precalculated_knn_(
+        **args, seqs_memmap_path=out / "db.seq.dat", num_seqs=stats["seqs"], seq_len=seq_len)
+    knn = np.fromfile(path, dtype=np.int32).reshape(n, K)
+    assert violations(knn) == 0
+    assert (knn >= 0).all()  # other sequences' documents still fill every slot
+    assert read_meta(path)["inputs"]["sequences"]["seq_len"] == seq_len
+
+
+def test_sequence_documents_lists_every_document_of_each_chunks_sequences():
+    doc_ids = np.array([0, 0, 1, 2, 2, 2, 3, 3])
+    got = retrieval.sequence_documents(np.array([0, 4]), doc_ids, chunks_per_seq=4)
+    assert [sorted(set(r[r >= 0].tolist())) for r in got] == [[0, 1, 2]] * 4 + [[2, 3]] * 4
+    # overlapping hand-made sequences: a chunk in two of them excludes the union
+    got = retrieval.sequence_documents(np.array([0, 2]), doc_ids, chunks_per_seq=3)
+    rows = [sorted(set(r[r >= 0].tolist())) for r in got]
+    assert rows[:5] == [[0, 1], [0, 1], [0, 1, 2], [1, 2], [1, 2]] and rows[5:] == [[], [], []]
+
+
 def brute_force(queries, keys, k, query_docs=None, key_docs=None, self_ids=None):
     sims = queries @ keys.T
     if query_docs is not None:
