@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,31 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# Sections other scripts own (retrieval_gain.py), kept whole when compare_reference rewrites the
+# rest of BENCHMARKS.md: "<!-- section: NAME -->" ... "<!-- end section: NAME -->".
+_SECTION = re.compile(r"<!-- section: (\S+) -->\n.*?<!-- end section: \1 -->\n", re.S)
+
+
+def _kept_sections(md_path: Path) -> str:
+    text = Path(md_path).read_text() if Path(md_path).exists() else ""
+    return "".join("\n" + m.group(0) for m in _SECTION.finditer(text))
+
+
+def write_section(md_path: Path, name: str, body: str) -> None:
+    """Put ``body`` into BENCHMARKS.md as section ``name``, replacing that section if present
+    (appended at the end otherwise); the rest of the file is left as it is."""
+    md_path = Path(md_path)
+    text = md_path.read_text() if md_path.exists() else ""
+    block = f"<!-- section: {name} -->\n{body.rstrip()}\n<!-- end section: {name} -->\n"
+    pattern = re.compile(rf"<!-- section: {re.escape(name)} -->\n.*?<!-- end section: "
+                         rf"{re.escape(name)} -->\n", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    write_atomically(md_path, lambda tmp: tmp.write_text(text))
 
 
 def _optimizer_sentence(tr) -> str:
@@ -251,7 +277,8 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
             for row in v["top"][:12]:
                 lines.append(f"| `{row['op']}` | {row['self_cpu_s']:.2f} | {row['self_pct']:.1f} | {row['calls']} |")
             lines.append("")
-    write_atomically(md_path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    kept = _kept_sections(md_path)
+    write_atomically(md_path, lambda tmp: tmp.write_text("\n".join(lines) + "\n" + kept))
     _plot(results, png_path)
 
 

@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -37,17 +36,11 @@ import torch
 from tqdm.auto import tqdm
 
 from diablogpt_pytorch import DIABLOGPT, TrainingWrapper, distributed
+from diablogpt_pytorch.config import CPU, SEED
 from diablogpt_pytorch.corpus import write_default_corpus
 from diablogpt_pytorch.embedder import get_tokenizer
-from diablogpt_pytorch.training import StepBatchSampler
+from diablogpt_pytorch.training import StepBatchSampler, lr_schedule
 
-# the seed README's model (for CUDA), and a small one that trains in minutes on 2 CPU cores
-SEED_CONFIG = dict(max_seq_len=2048, enc_dim=896, enc_depth=3, dec_dim=768, dec_depth=12,
-                   dec_cross_attn_layers=(1, 3, 6, 9), heads=8, dim_head=64,
-                   dec_attn_dropout=0.25, dec_ff_dropout=0.25)
-CPU_CONFIG = dict(max_seq_len=256, enc_dim=128, enc_depth=2, dec_dim=256, dec_depth=4,
-                  dec_cross_attn_layers=(2, 4), heads=4, dim_head=64,
-                  dec_attn_dropout=0.1, dec_ff_dropout=0.1)
 
 parser = argparse.ArgumentParser(description="Train DIABLOGPT with retrieval (the main job).")
 parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -68,6 +61,8 @@ parser.add_argument("--no-bf16", action="store_true", help="train in fp32 (defau
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
 parser.add_argument("--max-new-tokens", type=int, default=128)
+parser.add_argument("--evals", type=int, default=4, help="held-out evaluations (with and without "
+                    "retrieval) spread evenly over training, the last at the end (default 4)")
 args = parser.parse_args()
 
 started = time.time()
@@ -81,7 +76,8 @@ device = dist_info.device if dist_info.distributed else torch.device(
     "cuda" if args.device == "auto" and torch.cuda.is_available()
     else ("cpu" if args.device == "auto" else args.device))
 on_cuda = device.type == "cuda"
-config = SEED_CONFIG if on_cuda else CPU_CONFIG
+# the seed README's model on CUDA, a small one that trains in minutes on 2 CPU cores otherwise
+config = (SEED if on_cuda else CPU).model_kwargs()
 steps = args.steps if args.steps is not None else (200 if on_cuda else 150)
 batch_size = args.batch_size or (8 if on_cuda else 4)
 bf16 = not args.no_bf16
@@ -120,10 +116,11 @@ database_seconds = time.time() - started
 model = wrapper.train_model  # DistributedDataParallel(diablo_gpt) under torchrun
 optim = wrapper.get_optimizer(lr=args.lr, wd=args.wd)
 checkpoint_path = out / "checkpoint.pt"
-start_step, losses = 0, []
+start_step, losses, curve = 0, [], []  # curve: held-out losses along training
 if args.resume:
     payload = wrapper.load_checkpoint(checkpoint_path, optim)
     start_step, losses = payload["step"], payload["extra"]["losses"]
+    curve = [c for c in payload["extra"].get("curve", []) if c["step"] <= start_step]
     if main_rank:
         print(f"resumed from {checkpoint_path} at step {start_step}")
 
@@ -131,15 +128,16 @@ if args.resume:
 sampler = StepBatchSampler(len(wrapper.train_ds), batch_size, seed=args.seed,
                            start_step=start_step * args.grad_accum)
 train_dl = iter(wrapper.get_dataloader(batch_sampler=sampler, num_workers=0))
-warmup = min(100, max(1, steps // 10))
+eval_steps = sorted({max(1, round(steps * (i + 1) / max(1, args.evals))) for i in range(args.evals)}
+                    | {steps})
 
 
-def lr_at(step):
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def held_out(step):
+    """Held-out loss with and without retrieval (same weights), split across ranks."""
+    metrics = wrapper.evaluate(batch_size=batch_size, progress=False)
+    curve.append(dict(step=step, with_retrieval=metrics["with_retrieval"]["loss"],
+                      without_retrieval=metrics["without_retrieval"]["loss"]))
+    return metrics
 
 
 diablo_gpt.train()
@@ -148,7 +146,7 @@ bar = tqdm(range(start_step, steps), desc="training", initial=start_step, total=
            disable=not main_rank)
 for step in bar:
     for group in optim.param_groups:
-        group["lr"] = lr_at(step)
+        group["lr"] = lr_schedule(step, steps, args.lr)
     step_loss = 0.0
     with distributed.collective_errors(f"training step {step}"):
         for micro in range(args.grad_accum):
@@ -165,24 +163,33 @@ for step in bar:
     optim.zero_grad(set_to_none=True)
     losses.append(step_loss)  # this rank's share of the batch (rank 0's is shown and plotted)
     bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if step + 1 in eval_steps and step + 1 < steps:
+        eval_started = time.time()
+        held_out(step + 1)
+        if main_rank:
+            bar.write(f"step {step + 1}: held-out {curve[-1]['with_retrieval']:.3f} with retrieval, "
+                      f"{curve[-1]['without_retrieval']:.3f} without")
+        train_started += time.time() - eval_started  # tokens/s counts training alone
+        diablo_gpt.train()
 train_seconds = time.time() - train_started
 world_size = dist_info.world_size
 tokens_per_second = ((steps - start_step) * batch_size * args.grad_accum * world_size
                      * config["max_seq_len"] / max(train_seconds, 1e-9))
 
-wrapper.save_checkpoint(checkpoint_path, optim, step=steps, extra={"losses": losses})
-
-metrics = wrapper.evaluate(batch_size=batch_size)  # split across ranks, summed
+metrics = held_out(steps)
 with_r, without_r = metrics["with_retrieval"], metrics["without_retrieval"]
+wrapper.save_checkpoint(checkpoint_path, optim, step=steps, extra={"losses": losses, "curve": curve})
 if not main_rank:  # rank 0 alone plots, samples and reports
     distributed.cleanup()
     raise SystemExit(0)
 
 plt.figure(figsize=(7, 4))
-plt.plot(losses, lw=0.8, label="training loss (with retrieval)")
-plt.axhline(with_r["loss"], color="C1", ls="--", label=f"held-out, retrieval {with_r['loss']:.3f}")
-plt.axhline(without_r["loss"], color="C2", ls=":",
-            label=f"held-out, no retrieval {without_r['loss']:.3f}")
+plt.plot(range(1, len(losses) + 1), losses, lw=0.6, alpha=0.6, label="training loss (with retrieval)")
+plt.plot([c["step"] for c in curve], [c["with_retrieval"] for c in curve], "o-", color="C1",
+         label=f"held-out, with retrieval ({with_r['loss']:.3f})")
+plt.plot([c["step"] for c in curve], [c["without_retrieval"] for c in curve], "s:", color="C2",
+         label=f"held-out, retrieval off, same weights ({without_r['loss']:.3f})")
+plt.title(f"retrieval gain on held-out text: {1 - with_r['loss'] / without_r['loss']:.1%}")
 plt.xlabel("step")
 plt.ylabel("cross-entropy (nats/token)")
 plt.legend()
@@ -202,7 +209,8 @@ summary = dict(
     train_documents=len(wrapper.train_documents), valid_documents=len(wrapper.valid_documents),
     train_stats=wrapper.train_stats, valid_stats=wrapper.valid_stats,
     final_train_loss=sum(losses[-10:]) / len(losses[-10:]),
-    held_out=metrics, tokens_per_second=tokens_per_second,
+    held_out=metrics, held_out_curve=curve,
+    retrieval_gain=1 - with_r["loss"] / without_r["loss"], tokens_per_second=tokens_per_second,
     database_seconds=database_seconds, train_seconds=train_seconds,
     wall_seconds=time.time() - started,
 )
@@ -217,6 +225,10 @@ print(f"device {device}, bf16 {bf16}, {steps} steps of {batch_size} x {config['m
 print(f"{'held-out':<20}{'loss':>8}{'ppl':>10}{'bpb':>8}")
 for name, m in (("with retrieval", with_r), ("without retrieval", without_r)):
     print(f"{name:<20}{m['loss']:>8.3f}{m['perplexity']:>10.1f}{m['bits_per_byte']:>8.3f}")
+print(f"retrieval gain (loss without / with, same weights): "
+      f"{1 - with_r['loss'] / without_r['loss']:.1%}; along training: "
+      + ", ".join(f"step {c['step']} {1 - c['with_retrieval'] / c['without_retrieval']:.1%}"
+                  for c in curve))
 print(f"\nprompt: {tokenizer.decode(prompt[0].tolist())}")
 print(f"sample: {tokenizer.decode(sampled[0, prompt.shape[1]:].tolist(), skip_special_tokens=True)}")
 print(f"\ncheckpoint {checkpoint_path}, loss curve {out / 'loss.png'}, metrics {out / 'metrics.json'}")
