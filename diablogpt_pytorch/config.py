@@ -37,6 +37,7 @@ class DIABLOGPTConfig:
     enc_cross_attn_layers: Optional[tuple[int, ...]] = None
     use_deepnet: bool = False
     gated_rmsnorm: bool = False
+    zero_init_residual: bool = True
 
     def model_kwargs(self) -> dict[str, Any]:
         """The keyword arguments for ``DIABLOGPT(**kwargs)``."""

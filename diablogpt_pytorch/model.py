@@ -694,6 +694,13 @@ class DIABLOGPT(nn.Module):
             (default: all).
         use_deepnet: DeepNet post-norm residuals with alpha scaling and beta-scaled init.
         gated_rmsnorm: gated RMSNorm everywhere.
+        zero_init_residual: start the decoder's self-attention and feed-forward output
+            projections at zero, so that every decoder block begins as the identity plus its
+            chunked cross-attention (the zero-initialised residual branches of Fixup, Zhang et al.
+            2019, and ReZero, Bachlechner et al. 2020). The cross-attention output keeps its
+            random initialisation, so retrieval receives gradients from the first step. Measured
+            by ``benchmarks/retrieval_gain.py``: the language model and its use of neighbours both
+            learn faster. Ignored with ``use_deepnet`` (DeepNet has its own initialisation).
     """
 
     def __init__(
@@ -717,6 +724,7 @@ class DIABLOGPT(nn.Module):
         enc_cross_attn_layers: Optional[Sequence[int]] = None,
         use_deepnet: bool = False,
         gated_rmsnorm: bool = False,
+        zero_init_residual: bool = True,
     ):
         super().__init__()
         dec_cross_attn_layers = tuple(int(i) for i in dec_cross_attn_layers)
@@ -741,7 +749,7 @@ class DIABLOGPT(nn.Module):
             dec_attn_dropout=dec_attn_dropout, dec_ff_dropout=dec_ff_dropout,
             enc_attn_dropout=enc_attn_dropout, enc_ff_dropout=enc_ff_dropout,
             enc_cross_attn_layers=list(enc_cross_attn_layers), use_deepnet=use_deepnet,
-            gated_rmsnorm=gated_rmsnorm,
+            gated_rmsnorm=gated_rmsnorm, zero_init_residual=zero_init_residual,
         )
         self.num_tokens, self.max_seq_len, self.chunk_size, self.pad_id = num_tokens, max_seq_len, chunk_size, pad_id
         self.heads, self.dim_head = heads, dim_head
@@ -768,6 +776,7 @@ class DIABLOGPT(nn.Module):
         self.final_norm = nn.Identity() if use_deepnet else RMSNorm(dec_dim, gated=gated_rmsnorm)
         self.to_logits = nn.Linear(dec_dim, num_tokens, bias=False)
         self.loss_chunk = 512  # rows of logits made at a time by the loss (see forward)
+        self.zero_init_residual = zero_init_residual
         self._init_weights()
 
     # -- init ----------------------------------------------------------------------------------
@@ -776,6 +785,11 @@ class DIABLOGPT(nn.Module):
         nn.init.normal_(self.token_emb.weight, std=0.02)
         nn.init.normal_(self.to_logits.weight, std=self.to_logits.in_features ** -0.5)
         if self.deepnet is None:
+            if self.zero_init_residual:
+                for attn, _cca, ff in self.layers:
+                    nn.init.zeros_(attn.fn.to_out.weight)
+                    nn.init.zeros_(ff.fn.proj_out.weight)
+                    nn.init.zeros_(ff.fn.proj_out.bias)
             return
         # DeepNet init: xavier-normal with gain beta on feed-forward, value and output projections
         # (keys/queries gain 1), separately for encoder (enc_beta) and decoder (dec_beta)

@@ -20,6 +20,8 @@ def tiny(max_seq_len=48, **overrides) -> DIABLOGPT:
     config = dict(num_tokens=V, max_seq_len=max_seq_len, enc_dim=32, enc_depth=2, dec_dim=48,
                   dec_depth=3, dec_cross_attn_layers=(2, 3), heads=2, dim_head=16, chunk_size=C)
     config.update(overrides)
+    # every residual branch random (not the zero default): structural tests need every path live
+    config.setdefault("zero_init_residual", False)
     return DIABLOGPT(**config).eval()
 
 

@@ -16,6 +16,8 @@ def tiny(**overrides) -> DIABLOGPT:
     config = dict(num_tokens=97, max_seq_len=64, enc_dim=32, enc_depth=2, dec_dim=48, dec_depth=4,
                   dec_cross_attn_layers=(2, 4), heads=2, dim_head=16, chunk_size=C)
     config.update(overrides)
+    # every residual branch random (not the zero default): structural tests need every path live
+    config.setdefault("zero_init_residual", False)
     torch.manual_seed(0)
     return DIABLOGPT(**config).eval()
 
@@ -228,6 +230,29 @@ def test_deepnet_constants_and_post_norm():
     assert not torch.allclose(out, tiny()(seq, retrieved))
     # retrieval causality holds with post-norm too
     torch.testing.assert_close(out[:, : C - 1], model(seq, None)[:, : C - 1], rtol=0, atol=1e-5)
+
+
+def test_default_init_zeroes_the_decoder_residual_branches_but_not_retrieval():
+    torch.manual_seed(0)
+    model = DIABLOGPT(num_tokens=97, max_seq_len=64, enc_dim=32, enc_depth=2, dec_dim=48, dec_depth=4,
+                      dec_cross_attn_layers=(2, 4), heads=2, dim_head=16, chunk_size=C)
+    seq, retrieved = batch()
+    # without retrieval every block starts as the identity: the logits are the head of the norm
+    # of the token embedding, whatever the context
+    expected = model.to_logits(model.final_norm(model.token_emb(seq)))
+    torch.testing.assert_close(model(seq, None), expected, rtol=0, atol=1e-5)
+    # the cross-attention is live from the first step: with neighbours the logits of the later
+    # chunks change, and the encoder and CCA projections all receive gradients
+    assert not torch.allclose(model(seq, retrieved)[:, C:], expected[:, C:])
+    model(torch.cat([seq, seq[:, :1]], 1), retrieved, return_loss=True).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("encoder.") or ".1.fn." in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the switch restores the random (torch default) initialisation of those projections
+    torch.manual_seed(0)
+    plain = DIABLOGPT(**dict(model.config, zero_init_residual=False))
+    assert plain.layers[0][0].fn.to_out.weight.abs().sum() > 0
+    assert not torch.allclose(plain(seq, None), plain.to_logits(plain.final_norm(plain.token_emb(seq))))
 
 
 def test_config_rebuilds_the_same_architecture():
