@@ -288,18 +288,34 @@ def format_chunks(chunk_ids: torch.Tensor, *, pad_id: int, eos_id: int, cls_id: 
     return out, mask
 
 
+def _wordpiece(texts: list[str], name: Optional[str]) -> list[list[int]]:
+    """``[CLS] text [SEP]`` ids of embedder ``name`` per text, special-token strings tokenized as
+    text, cut at the embedder's maximum length (512 at most)."""
+    tok = get_tokenizer(name)
+    return tok(list(texts), add_special_tokens=True, truncation=True,
+               max_length=min(int(tok.model_max_length), 512), return_attention_mask=False,
+               return_token_type_ids=False, verbose=False, split_special_tokens=True)["input_ids"]
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
 def format_texts(texts: list[str], name: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoded chunk texts -> BERT inputs of embedder ``name``: ``[CLS] text [SEP]``, right-padded,
-    special-token strings tokenized as text, cut at the embedder's maximum length.
+    special-token strings tokenized as text, cut at the embedder's maximum length (what
+    :func:`embed_chunks` runs for an LM tokenizer other than the embedder's).
 
     Returns:
         input_ids int64 (b, L) and attention_mask int64 (b, L).
     """
-    tok = get_tokenizer(name)
-    enc = tok(list(texts), add_special_tokens=True, padding=True, truncation=True,
-              max_length=min(int(tok.model_max_length), 512), return_token_type_ids=False,
-              return_tensors="pt", verbose=False, split_special_tokens=True)
-    return enc["input_ids"], enc["attention_mask"]
+    return _pad(_wordpiece(texts, name), tokenizer_info(name).pad_id)
 
 
 def embed_chunks(chunk_ids, name: Optional[str] = None, device: Union[str, torch.device] = "cpu", *,
@@ -345,13 +361,29 @@ def embed_chunks(chunk_ids, name: Optional[str] = None, device: Union[str, torch
         )
     batch_size = batch_size or forward_batch_size(device)
     outs = []
+    if retokenize and ids.shape[0]:
+        # decoded text takes a varying number of WordPiece tokens (punctuation-heavy chunks many
+        # more): forward the rows in order of length, in batches of at most batch_size rows and
+        # batch_size x 1.5 x the median length padded tokens, so little compute goes to padding
+        encoded = _wordpiece(tokenizer.decode_batch(ids.tolist()), name)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        budget = batch_size * max(8, int(1.5 * len(encoded[order[len(order) // 2]])))
+        start = 0
+        while start < len(order):
+            stop = start + 1
+            while (stop < len(order) and stop - start < batch_size
+                   and (stop - start + 1) * len(encoded[order[stop]]) <= budget):
+                stop += 1
+            inp, mask = _pad([encoded[i] for i in order[start:stop]], info.pad_id)
+            outs.append(bert_forward(inp, mask, name=name, device=device,
+                                     return_cls_repr=return_cls_repr, dtype=dtype))
+            start = stop
+        out = torch.empty(ids.shape[0], outs[0].shape[1])
+        out[torch.tensor(order)] = torch.cat(outs)
+        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
     for start in range(0, ids.shape[0], batch_size):
-        block = ids[start:start + batch_size]
-        if retokenize:
-            inp, mask = format_texts(tokenizer.decode_batch(block.tolist()), name)
-        else:
-            inp, mask = format_chunks(block, pad_id=info.pad_id, eos_id=info.eos_id,
-                                      cls_id=info.cls_id, sep_id=info.sep_id)
+        inp, mask = format_chunks(ids[start:start + batch_size], pad_id=info.pad_id,
+                                  eos_id=info.eos_id, cls_id=info.cls_id, sep_id=info.sep_id)
         outs.append(bert_forward(inp, mask, name=name, device=device,
                                  return_cls_repr=return_cls_repr, dtype=dtype))
     if not outs:
