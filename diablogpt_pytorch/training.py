@@ -171,11 +171,14 @@ class TrainingWrapper:
         self.tokenizer_path = self.paths["chunks"].with_name(
             f"{self.paths['chunks'].stem}.tokenizer.json")
         # rank 0 trains (or validates) a tokenizer first; the others then load it
-        with distributed.main_process_first("preparing the tokenizer"):
-            self.tokenizer = lm_tokenizer.load_tokenizer(
-                tokenizer, documents=self.train_documents, path=self.tokenizer_path,
-                vocab_size=tokenizer_vocab_size or lm_tokenizer.DEFAULT_VOCAB_SIZE,
-                embedder=self.embedder)
+        with distributed.main_process_first("preparing the tokenizer") as main:
+            if isinstance(tokenizer, str) and tokenizer == "train" and not main:
+                self.tokenizer = lm_tokenizer.TokenizersLMTokenizer(self.tokenizer_path)
+            else:
+                self.tokenizer = lm_tokenizer.load_tokenizer(
+                    tokenizer, documents=self.train_documents, path=self.tokenizer_path,
+                    vocab_size=tokenizer_vocab_size or lm_tokenizer.DEFAULT_VOCAB_SIZE,
+                    embedder=self.embedder)
         logger.info("LM tokenizer: %s", self.tokenizer)
         self._check_model()
         # rank 0 builds or validates the files (the others wait); then every rank opens them
