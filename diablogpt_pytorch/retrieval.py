@@ -17,6 +17,10 @@ File formats (DESIGN.md §3): for ``train.chunks.dat`` with chunk size C,
 - ``train.chunks.emb.npy`` float32 (num_chunks, hidden) L2-normalised embeddings (``.npy``);
 - ``train.chunks.index`` faiss index over them, inner product (= cosine similarity);
 - ``train.chunks.knn.dat`` int32 (num_chunks, K);
+- ``train.chunks.tokenizer.json`` the LM tokenizer, when one was trained for the database
+  (``tokenizer="train"``; see :mod:`diablogpt_pytorch.tokenizer`). Chunks hold LM token ids;
+  the embedder embeds each chunk's decoded text (``embedder.embed_chunks``, at build and at
+  query time alike);
 - each with a provenance sidecar ``<file>.meta.json`` (see :mod:`diablogpt_pytorch._io`).
 
 Every function reuses its outputs when their sidecar records the same inputs (logged), rebuilds
@@ -70,6 +74,35 @@ def index_path_for(chunk_memmap_path: PathLike) -> Path:
     """``<dir>/<stem>.index``: the faiss index over the embeddings."""
     p = Path(chunk_memmap_path)
     return p.with_name(f"{p.stem}.index")
+
+
+def tokenizer_path_for(chunk_memmap_path: PathLike) -> Path:
+    """``<dir>/<stem>.tokenizer.json``: where a tokenizer trained for these chunks is stored."""
+    p = Path(chunk_memmap_path)
+    return p.with_name(f"{p.stem}.tokenizer.json")
+
+
+def _lm_tokenizer(tokenizer, embedder: Optional[str], documents=None, path=None):
+    """The LM tokenizer for ``tokenizer`` (a spec or an LMTokenizer; None: embedder's WordPiece)."""
+    from diablogpt_pytorch.tokenizer import TokenizersLMTokenizer, load_tokenizer
+
+    if isinstance(tokenizer, str) and tokenizer == "train" and documents is None:
+        if path is None or not Path(path).is_file():
+            raise FileNotFoundError(
+                f'tokenizer="train": no trained tokenizer at {path}; build the chunks with '
+                'text_folder_to_chunks_(tokenizer="train") first, or pass the tokenizer itself')
+        return TokenizersLMTokenizer(path)
+    return load_tokenizer(tokenizer, embedder=embedder, documents=documents, path=path)
+
+
+def _check_tokenizer(recorded: Optional[dict[str, Any]], lm, where: PathLike) -> None:
+    """Raise when ``where`` records an LM tokenizer other than ``lm``."""
+    if recorded is not None and recorded.get("fingerprint") != lm.fingerprint():
+        raise ValueError(
+            f"{where} was made with LM tokenizer {recorded.get('name')!r} ({recorded.get('kind')}, "
+            f"{recorded.get('vocab_size')} ids) but tokenizer {lm.name!r} ({lm.kind}, "
+            f"{lm.vocab_size} ids) was given: pass tokenizer= the one the chunks were made with, "
+            "or rebuild the database")
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -238,12 +271,17 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
                            max_chunks: int = 1_000_000, max_seqs: int = 100_000, *,
                            paths: Optional[Iterable[PathLike]] = None,
                            embedder: Optional[str] = None, truncate: bool = True,
-                           docs_per_batch: int = 64, force_reprocess: bool = False
-                           ) -> dict[str, Any]:
+                           docs_per_batch: int = 64, force_reprocess: bool = False,
+                           tokenizer=None) -> dict[str, Any]:
     """Tokenize one document per file and write the chunk, sequence and document-id memmaps.
 
-    Each document becomes ``tokenizer(text, add_special_tokens=False) + [eos]`` (eos = [SEP];
-    special-token strings written in the text, like a literal "[SEP]", are tokenized as text),
+    ``tokenizer`` is the LM tokenizer (:func:`diablogpt_pytorch.tokenizer.load_tokenizer` spec or
+    instance; None: the WordPiece of ``embedder``; ``"train"``: a byte-level BPE trained on these
+    files and stored at ``<chunks dir>/<chunks stem>.tokenizer.json``). Its identity (content
+    fingerprint) is recorded in the sidecars, so changing it rebuilds the chunks.
+
+    Each document becomes ``tokenizer.encode(text) + [eos]`` (special-token strings written in
+    the text, like a literal "[SEP]" or "<eos>", are tokenized as text),
     right-padded with the pad id to a multiple of ``chunk_size``; chunks never cross documents.
     Documents are packed: sequence i starts at chunk ``i * (seq_len // chunk_size)``, so short
     documents share sequences instead of becoming mostly padding.
@@ -269,7 +307,8 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
     if max_chunks <= 0 or max_seqs <= 0:
         raise ValueError(f"max_chunks ({max_chunks}) and max_seqs ({max_seqs}) must be positive")
     files, root = _list_documents(folder, glob, paths)
-    info = emb.tokenizer_info(embedder)
+    info = _lm_tokenizer(tokenizer, embedder, documents=files,
+                         path=tokenizer_path_for(chunks_memmap_path))
     chunks_per_seq = seq_len // chunk_size
     cap = min(max_chunks, max_seqs * chunks_per_seq)
     outputs = [Path(chunks_memmap_path), Path(seqs_memmap_path), Path(doc_ids_memmap_path)]
@@ -280,7 +319,9 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
         "folder": None if root is None else str(root.resolve()),
         "glob": None if root is None else glob,
         "num_files": len(files), "files_digest": _files_digest(files, root),
-        "embedder": emb.embedder_identity(embedder), "vocab_size": info.vocab_size,
+        # the embedder matters to the chunks only when its WordPiece is the LM tokenizer
+        "embedder": emb.embedder_identity(embedder) if info.kind == "bert" else None,
+        "tokenizer": info.identity(), "vocab_size": info.vocab_size,
         "pad_id": info.pad_id, "eos_id": info.eos_id,
         "chunk_size": chunk_size, "seq_len": seq_len,
     }
@@ -299,7 +340,6 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
 
     for p in outputs:  # a file without a matching sidecar is never trusted
         meta_path(p).unlink(missing_ok=True)
-    tok = emb.get_tokenizer(embedder)
     C, pad = chunk_size, info.pad_id
     num_chunks = num_docs = empty = 0
     truncated = False
@@ -312,11 +352,9 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
         f_docs = stack.enter_context(open(tmp_docs, "wb"))
         bar = stack.enter_context(tqdm(total=len(files), desc="chunking", unit="doc"))
         for batch in _document_batches(files, docs_per_batch, 8 << 20):
-            # split_special_tokens: literal "[SEP]"/"[PAD]" in a document must not become the
-            # eos or pad id (that would end the document or hide tokens from the loss)
-            ids_batch = tok([t for _, t in batch], add_special_tokens=False,
-                            return_attention_mask=False, return_token_type_ids=False,
-                            verbose=False, split_special_tokens=True)["input_ids"]
+            # special-token strings in a document must not become the eos or pad id (that would
+            # end the document or hide tokens from the loss): every LMTokenizer encodes them as text
+            ids_batch = info.encode_batch([t for _, t in batch])
             rows, row_docs = [], []
             for (path, _), ids in zip(batch, ids_batch):
                 if not ids:
@@ -420,8 +458,10 @@ def sequence_documents(seq_starts: np.ndarray, doc_ids: np.ndarray, chunks_per_s
 # ----------------------------------------------------------------------------- embeddings, index
 
 
-def _embedding_settings(embedder: Optional[str], use_cls_repr: bool, dtype, device) -> dict[str, Any]:
+def _embedding_settings(embedder: Optional[str], use_cls_repr: bool, dtype, device, lm) -> dict[str, Any]:
     settings = {"embedder": emb.embedder_identity(embedder), "embedder_name": emb.resolve_embedder(embedder),
+                # how chunk ids become the embedder's input: the LM tokenizer decodes them
+                "tokenizer": lm.identity(),
                 "pooling": "cls" if use_cls_repr else "mean",
                 "dtype": str(emb.resolve_dtype(dtype, device)).replace("torch.", ""), "normalized": True}
     if settings["dtype"] == "bfloat16":
@@ -431,8 +471,13 @@ def _embedding_settings(embedder: Optional[str], use_cls_repr: bool, dtype, devi
     return settings
 
 
-def _check_embedder_matches_chunks(chunk_memmap_path: PathLike, embedder: Optional[str]) -> None:
+def _check_embedder_matches_chunks(chunk_memmap_path: PathLike, embedder: Optional[str], lm) -> None:
     meta = read_meta(chunk_memmap_path)
+    recorded = (meta or {}).get("inputs", {}).get("tokenizer")
+    if lm.kind != "bert" or (recorded is not None and recorded.get("kind") != "bert"):
+        # the chunks hold another LM tokenizer's ids: any embedder embeds their decoded text
+        _check_tokenizer(recorded, lm, chunk_memmap_path)
+        return
     made_with = (meta or {}).get("inputs", {}).get("embedder")
     if made_with is not None and made_with != emb.embedder_identity(embedder):
         raise ValueError(
@@ -442,7 +487,7 @@ def _check_embedder_matches_chunks(chunk_memmap_path: PathLike, embedder: Option
 
 
 def _embed_memmap(chunks: np.memmap, out_path: Path, *, embedder, device, use_cls_repr, dtype,
-                  batch_size: int, desc: str = "embedding") -> None:
+                  batch_size: int, desc: str = "embedding", tokenizer=None) -> None:
     num_chunks, width = chunks.shape
     dim = emb.hidden_size(embedder)
     with atomic_path(out_path) as tmp:
@@ -451,7 +496,7 @@ def _embed_memmap(chunks: np.memmap, out_path: Path, *, embedder, device, use_cl
             block = torch.from_numpy(np.array(chunks[start:start + batch_size, : width - 1]))
             out[start:start + len(block)] = emb.embed_chunks(
                 block, embedder, device, return_cls_repr=use_cls_repr, dtype=dtype,
-                normalize=True).numpy()
+                normalize=True, tokenizer=tokenizer).numpy()
         out.flush()
         del out
 
@@ -462,7 +507,8 @@ def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_pat
                               max_index_memory_usage: Union[str, int] = "100m",
                               current_memory_available: Union[str, int] = "1G",
                               embedder: Optional[str] = None, device: Union[str, torch.device] = "cpu",
-                              dtype=None, faiss_gpu: bool = False, force_reprocess: bool = False):
+                              dtype=None, faiss_gpu: bool = False, force_reprocess: bool = False,
+                              tokenizer=None):
     """Embed every chunk and index the embeddings.
 
     Embeddings (float32, L2-normalised, (num_chunks, hidden)) are streamed to
@@ -477,26 +523,31 @@ def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_pat
         embedder, device, dtype, use_cls_repr: how chunks are embedded (recorded in the sidecars,
             reused at query time by :class:`Retriever` and :func:`query_chunks_to_knn_`).
         faiss_gpu: return the index copied to the GPUs (the saved index is the CPU one).
+        tokenizer: the LM tokenizer the chunks were made with (an LMTokenizer or a
+            :func:`~diablogpt_pytorch.tokenizer.load_tokenizer` spec; None: the embedder's
+            WordPiece). Each chunk's decoded text is embedded (``embedder.embed_chunks``).
 
     Returns:
         (faiss index, embeddings: read-only float32 memmap (num_chunks, hidden)).
     """
     chunks = open_chunks(chunk_memmap_path, num_chunks, chunk_size)
-    _check_embedder_matches_chunks(chunk_memmap_path, embedder)
+    lm = _lm_tokenizer(tokenizer, embedder, path=tokenizer_path_for(chunk_memmap_path))
+    _check_embedder_matches_chunks(chunk_memmap_path, embedder, lm)
     dim = emb.hidden_size(embedder)
     if embed_dim is not None and embed_dim != dim:
         raise ValueError(f"embed_dim={embed_dim} but embedder {emb.resolve_embedder(embedder)!r} "
                          f"gives {dim}-dimensional embeddings: drop embed_dim or pass {dim}")
     emb_path = embeddings_path_for(chunk_memmap_path)
     index_path = Path(index_file) if index_file is not None else index_path_for(chunk_memmap_path)
-    settings = _embedding_settings(embedder, use_cls_repr, dtype, device)
+    settings = _embedding_settings(embedder, use_cls_repr, dtype, device, lm)
     emb_inputs = {"kind": "embeddings", "version": FORMAT_VERSION,
                   "chunks": _fingerprint(chunk_memmap_path), "num_chunks": num_chunks,
                   "chunk_size": chunk_size, **settings}
     if _cached([emb_path], emb_inputs, "embeddings", force_reprocess) is None:
         meta_path(emb_path).unlink(missing_ok=True)
         _embed_memmap(chunks, emb_path, embedder=embedder, device=device, use_cls_repr=use_cls_repr,
-                      dtype=settings["dtype"], batch_size=chunks_to_embeddings_batch_size)
+                      dtype=settings["dtype"], batch_size=chunks_to_embeddings_batch_size,
+                      tokenizer=lm)
         write_meta(emb_path, {"inputs": emb_inputs, "build": uuid.uuid4().hex})
     embeddings = np.load(emb_path, mmap_mode="r")
 
@@ -535,7 +586,8 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
                                  device: Union[str, torch.device] = "cpu", dtype=None,
                                  faiss_gpu: bool = False, force_reprocess: bool = False,
                                  seqs_memmap_path: Optional[PathLike] = None,
-                                 num_seqs: Optional[int] = None, seq_len: Optional[int] = None):
+                                 num_seqs: Optional[int] = None, seq_len: Optional[int] = None,
+                                 tokenizer=None):
     """Precompute each chunk's K nearest neighbours from OTHER documents.
 
     Builds (or reuses) embeddings and index with :func:`chunks_to_index_and_embed`, then searches
@@ -576,7 +628,7 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
         chunks_to_embeddings_batch_size=chunks_to_embeddings_batch_size, embed_dim=embed_dim,
         index_file=index_file, max_index_memory_usage=max_index_memory_usage,
         current_memory_available=current_memory_available, embedder=embedder, device=device,
-        dtype=dtype, faiss_gpu=faiss_gpu, force_reprocess=force_reprocess)
+        dtype=dtype, faiss_gpu=faiss_gpu, force_reprocess=force_reprocess, tokenizer=tokenizer)
     index_path = Path(index_file) if index_file is not None else index_path_for(chunk_memmap_path)
     knn_path = knn_path_for(chunk_memmap_path)
     inputs = {"kind": "knn", "version": FORMAT_VERSION, "index": _fingerprint(index_path),
@@ -634,17 +686,32 @@ def _query_embedder(settings: dict[str, Any], embedder: Optional[str], index_pat
     return recorded
 
 
+def _query_tokenizer(settings: dict[str, Any], tokenizer, embedder_name: str, index_path: Path):
+    """The LM tokenizer for queries against ``index_path``: ``tokenizer`` (None: the embedder's
+    WordPiece), checked against the one recorded in the index's sidecar."""
+    lm = _lm_tokenizer(tokenizer, embedder_name)
+    recorded = settings.get("tokenizer")
+    if recorded is not None and recorded.get("fingerprint") != lm.fingerprint():
+        raise ValueError(
+            f"{index_path} indexes chunks of LM tokenizer {recorded.get('name')!r} "
+            f"({recorded.get('kind')}, {recorded.get('vocab_size')} ids) but queries would use "
+            f"{lm.name!r} ({lm.kind}): pass tokenizer= the database's tokenizer (a trained one is "
+            f"stored beside the chunks as <stem>.tokenizer.json)")
+    return lm
+
+
 def query_chunks_to_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size: int,
                          chunk_memmap_path: PathLike, db_chunk_memmap_path: PathLike, *,
                          db_index_file: Optional[PathLike] = None, knn_path: Optional[PathLike] = None,
                          batch_size: int = 128, device: Union[str, torch.device] = "cpu",
                          embedder: Optional[str] = None, faiss_gpu: bool = False,
-                         force_reprocess: bool = False) -> Path:
+                         force_reprocess: bool = False, tokenizer=None) -> Path:
     """Neighbours in an existing database for chunks of OTHER documents (e.g. a held-out split).
 
     The query chunks (``chunk_memmap_path``, same layout as the database's) are embedded in
     batches exactly as the database was (embedder, pooling and precision are read from the
-    index's sidecar) and searched; no exclusion is applied. Writes ``knn_path`` (default
+    index's sidecar; ``tokenizer``, the LM tokenizer of both, must be the one recorded there) and
+    searched; no exclusion is applied. Writes ``knn_path`` (default
     ``<dir>/<stem>.knn<suffix>`` of the query chunks), int32 (num_chunks, K), ids into the
     database chunks.
 
@@ -657,6 +724,9 @@ def query_chunks_to_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size
         raise ValueError(f"database {index_path} has chunk_size {settings['chunk_size']}, queries "
                          f"{chunk_size}: they must be equal")
     name = _query_embedder(settings, embedder, index_path)
+    lm = _query_tokenizer(settings, tokenizer, name, index_path)
+    _check_tokenizer((read_meta(chunk_memmap_path) or {}).get("inputs", {}).get("tokenizer"), lm,
+                     chunk_memmap_path)
     chunks = open_chunks(chunk_memmap_path, num_chunks, chunk_size)
     knn_path = Path(knn_path) if knn_path is not None else knn_path_for(chunk_memmap_path)
     inputs = {"kind": "query_knn", "version": FORMAT_VERSION, "queries": _fingerprint(chunk_memmap_path),
@@ -671,7 +741,7 @@ def query_chunks_to_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size
         for start in tqdm(range(0, num_chunks, batch_size), desc="query search", unit="batch"):
             block = torch.from_numpy(np.array(chunks[start:start + batch_size, :chunk_size]))
             q = emb.embed_chunks(block, name, device, return_cls_repr=settings["pooling"] == "cls",
-                                 dtype=settings["dtype"], normalize=True).numpy()
+                                 dtype=settings["dtype"], normalize=True, tokenizer=lm).numpy()
             ids, _ = idx.search_excluding(index, q, num_nearest_neighbors, num_extra=0)
             knn[start:start + len(block)] = ids
         knn.flush()
@@ -695,15 +765,19 @@ class Retriever:
         device: where the query embedder runs. faiss_gpu: search on GPU (opt-in).
         num_extra_neighbors, max_search_k: candidate counts when documents are excluded (see
             :func:`chunks_to_precalculated_knn_`).
+        tokenizer: the LM tokenizer of the database (an LMTokenizer or a load_tokenizer spec;
+            None: the embedder's WordPiece); must match the one recorded in the index's sidecar.
+            Query chunks are embedded from their decoded text exactly as the database was.
     """
 
     def __init__(self, chunk_memmap_path: PathLike, doc_ids_memmap_path: Optional[PathLike] = None,
                  index_file: Optional[PathLike] = None, *, embedder: Optional[str] = None,
                  device: Union[str, torch.device] = "cpu", faiss_gpu: bool = False,
-                 num_extra_neighbors: int = 10, max_search_k: int = 4096):
+                 num_extra_neighbors: int = 10, max_search_k: int = 4096, tokenizer=None):
         self.index_path = Path(index_file) if index_file else index_path_for(chunk_memmap_path)
         settings = _index_settings(self.index_path)
         self.embedder = _query_embedder(settings, embedder, self.index_path)
+        self.tokenizer = _query_tokenizer(settings, tokenizer, self.embedder, self.index_path)
         self.chunk_size = int(settings["chunk_size"])
         self.num_chunks = int(settings["num_chunks"])
         self.return_cls_repr = settings["pooling"] == "cls"
@@ -714,8 +788,7 @@ class Retriever:
         self.chunks = open_chunks(chunk_memmap_path, self.num_chunks, self.chunk_size)
         self.doc_ids = (None if doc_ids_memmap_path is None
                         else open_doc_ids(doc_ids_memmap_path, self.num_chunks))
-        info = emb.tokenizer_info(self.embedder)
-        self.pad_id, self.eos_id = info.pad_id, info.eos_id
+        self.pad_id, self.eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
         self.index = idx.read_index(self.index_path, faiss_gpu=faiss_gpu)
         if self.index.ntotal != self.num_chunks:
             raise ValueError(f"{self.index_path} holds {self.index.ntotal} vectors but "
@@ -750,7 +823,7 @@ class Retriever:
                 reps = flat.shape[0] // lead[0]
                 excl = [per[i // reps] for i in range(flat.shape[0])]
         q = emb.embed_chunks(flat, self.embedder, self.device, return_cls_repr=self.return_cls_repr,
-                             dtype=self.dtype, normalize=True).numpy()
+                             dtype=self.dtype, normalize=True, tokenizer=self.tokenizer).numpy()
         ids, scores = idx.search_excluding(
             self.index, q, k, num_extra=self.num_extra_neighbors if excl is not None else 0,
             doc_ids=self.doc_ids, exclude_doc_ids=excl, max_k=self.max_search_k)

@@ -96,8 +96,8 @@ def sharded_chunks_to_precalculated_knn_(
         index_file: Optional[PathLike] = None, max_index_memory_usage: Union[str, int] = "100m",
         current_memory_available: Union[str, int] = "1G", knn_batch_size: int = 4096,
         max_search_k: int = 4096, embedder: Optional[str] = None,
-        device: Union[str, torch.device] = "cpu", dtype=None, force_reprocess: bool = False
-        ) -> tuple[Path, Path]:
+        device: Union[str, torch.device] = "cpu", dtype=None, force_reprocess: bool = False,
+        tokenizer=None) -> tuple[Path, Path]:
     """Embeddings, index and the knn file of a chunk database, split across all ranks.
 
     Arguments as :func:`~diablogpt_pytorch.retrieval.chunks_to_precalculated_knn_` (``device`` is
@@ -128,13 +128,14 @@ def sharded_chunks_to_precalculated_knn_(
     with D.all_ranks("embedding shards"):
         chunks = R.open_chunks(chunk_memmap_path, num_chunks, chunk_size)
         doc_ids = R.open_doc_ids(doc_ids_memmap_path, num_chunks)
-        R._check_embedder_matches_chunks(chunk_memmap_path, embedder)
+        lm = R._lm_tokenizer(tokenizer, embedder, path=R.tokenizer_path_for(chunk_memmap_path))
+        R._check_embedder_matches_chunks(chunk_memmap_path, embedder, lm)
         dim = R.emb.hidden_size(embedder)
         if embed_dim is not None and embed_dim != dim:
             raise ValueError(f"embed_dim={embed_dim} but embedder "
                              f"{R.emb.resolve_embedder(embedder)!r} gives {dim}-dimensional "
                              f"embeddings: drop embed_dim or pass {dim}")
-        settings = R._embedding_settings(embedder, use_cls_repr, dtype, device)
+        settings = R._embedding_settings(embedder, use_cls_repr, dtype, device, lm)
         chunks_fp = R._fingerprint(chunk_memmap_path)
         shard_inputs = {"kind": "embedding_shard", "version": R.FORMAT_VERSION,
                         "chunks": chunks_fp, "num_chunks": num_chunks, "chunk_size": chunk_size,
@@ -148,7 +149,7 @@ def sharded_chunks_to_precalculated_knn_(
             R._embed_memmap(chunks[start:stop], shard_path, embedder=embedder, device=device,
                             use_cls_repr=use_cls_repr, dtype=dtype,
                             batch_size=chunks_to_embeddings_batch_size,
-                            desc=f"embedding (rank {rank})")
+                            desc=f"embedding (rank {rank})", tokenizer=lm)
             write_meta(shard_path, {"inputs": shard_inputs, "build": uuid.uuid4().hex})
 
     main_settings = D.broadcast_object(settings, what="comparing embedding settings")
@@ -300,6 +301,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--max-index-memory-usage", default="100m")
     parser.add_argument("--current-memory-available", default="1G")
     parser.add_argument("--embedder", default=None)
+    parser.add_argument("--tokenizer", default=None, help="LM tokenizer spec (default: the "
+                        "embedder's WordPiece; 'train': a BPE trained on the documents)")
     parser.add_argument("--device", default=None, help="embedder device (default: this rank's)")
     args = parser.parse_args(argv)
 
@@ -314,7 +317,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             stats = R.text_folder_to_chunks_(
                 args.docs, args.glob, paths["chunks"], paths["seq"], paths["doc_ids"],
                 chunk_size=args.chunk_size, seq_len=args.seq_len, max_chunks=args.max_chunks,
-                max_seqs=args.max_seqs, embedder=args.embedder)
+                max_seqs=args.max_seqs, embedder=args.embedder, tokenizer=args.tokenizer)
     stats = D.broadcast_object(stats, what="sharing the chunk counts")
     knn_path, index_path = sharded_chunks_to_precalculated_knn_(
         args.knn, stats["chunks"], args.chunk_size, paths["chunks"], paths["doc_ids"],
@@ -322,7 +325,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         chunks_to_embeddings_batch_size=args.embed_batch_size, knn_batch_size=args.knn_batch_size,
         max_index_memory_usage=args.max_index_memory_usage,
         current_memory_available=args.current_memory_available, embedder=args.embedder,
-        device=args.device or info.device)
+        device=args.device or info.device, tokenizer=args.tokenizer)
     if info.is_main:
         logger.info("%d chunks from %d documents on %d rank(s): index %s, neighbours %s",
                     stats["chunks"], stats["docs"], info.world_size, index_path, knn_path)

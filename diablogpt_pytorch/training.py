@@ -83,8 +83,18 @@ class TrainingWrapper:
 
     Extras:
         valid_fraction: share of documents held out for ``evaluate`` (0 disables; default 0.1).
-        embedder: embedder/tokenizer name or local directory (default: the offline default,
-            or ``$DIABLOGPT_EMBEDDER``).
+        embedder: embedder name or local directory (default: the offline default, or
+            ``$DIABLOGPT_EMBEDDER``); its BERT embeds each chunk's text for retrieval.
+        tokenizer: the language model's tokenizer (see ``diablogpt_pytorch.tokenizer``): None or
+            ``"bert"`` (default): the embedder's WordPiece (30522 ids, uncased, not lossless);
+            ``"train"``: a lossless byte-level BPE of ``tokenizer_vocab_size`` ids trained on the
+            training documents, stored beside the database as ``<chunks stem>.tokenizer.json``
+            (retrained when the documents or size change); a SentencePiece ``.model`` file, a
+            ``tokenizer.json`` file, a local Hugging Face tokenizer directory, or an
+            ``LMTokenizer``. ``wrapper.tokenizer`` is the loaded one (``encode``, ``decode``,
+            ``pad_id``, ``eos_id``, ``vocab_size``); its fingerprint is recorded in the database's
+            sidecars, so changing it rebuilds the files that depend on it.
+        tokenizer_vocab_size: vocabulary size for ``tokenizer="train"``.
         device: where evaluation and generation run (default: the model's device).
         embed_device: where the embedder runs while building (default: ``device``).
         bf16: bfloat16 autocast in ``autocast()``, ``evaluate`` and ``generate``.
@@ -124,8 +134,11 @@ class TrainingWrapper:
         embed_batch_size: int = 128,
         index_batch_size: int = 4096,
         embed_dtype: Optional[str] = None,
+        tokenizer: Any = None,
+        tokenizer_vocab_size: Optional[int] = None,
     ):
         from diablogpt_pytorch import embedder as emb
+        from diablogpt_pytorch import tokenizer as lm_tokenizer
 
         self.model = diablogpt
         self.knn = int(knn)
@@ -146,9 +159,6 @@ class TrainingWrapper:
         self.index_batch_size = int(index_batch_size)
         self.embed_dtype = embed_dtype
 
-        self.tokenizer = emb.tokenizer_info(self.embedder)
-        self._check_model()
-
         self.paths = {
             "chunks": Path(chunks_memmap_path),
             "seqs": Path(seqs_memmap_path),
@@ -158,6 +168,19 @@ class TrainingWrapper:
         self.train_documents, self.valid_documents = split_documents(
             self._documents(), self.documents_path, self.valid_fraction
         )
+        self.tokenizer_path = self.paths["chunks"].with_name(
+            f"{self.paths['chunks'].stem}.tokenizer.json")
+        # rank 0 trains (or validates) a tokenizer first; the others then load it
+        with distributed.main_process_first("preparing the tokenizer") as main:
+            if isinstance(tokenizer, str) and tokenizer == "train" and not main:
+                self.tokenizer = lm_tokenizer.TokenizersLMTokenizer(self.tokenizer_path)
+            else:
+                self.tokenizer = lm_tokenizer.load_tokenizer(
+                    tokenizer, documents=self.train_documents, path=self.tokenizer_path,
+                    vocab_size=tokenizer_vocab_size or lm_tokenizer.DEFAULT_VOCAB_SIZE,
+                    embedder=self.embedder)
+        logger.info("LM tokenizer: %s", self.tokenizer)
+        self._check_model()
         # rank 0 builds or validates the files (the others wait); then every rank opens them
         built = None
         with distributed.main_process_first("building the retrieval database") as main:
@@ -173,7 +196,7 @@ class TrainingWrapper:
         if self.valid_documents:
             self.valid_ds, self.valid_stats = self._build(self.valid_documents, self.valid_paths,
                                                           train=False, built=built["valid"])
-            self.valid_num_bytes = sum(p.stat().st_size for p in self.valid_documents)
+            self.valid_num_bytes = self._decoded_num_bytes(self.valid_paths, self.valid_stats)
         self._retriever = None
         # what the training loop calls: DistributedDataParallel(diablogpt) under torchrun
         self.train_model = distributed.wrap_model(self.model, self.device)
@@ -205,6 +228,20 @@ class TrainingWrapper:
             )
         if self.knn < 1:
             raise ValueError(f"knn must be at least 1; got {self.knn}")
+
+    def _decoded_num_bytes(self, paths: dict[str, Path], stats: dict[str, Any]) -> int:
+        """UTF-8 bytes of the text a split's token ids decode to, document by document (pad and
+        eos ids have none): the denominator of bits per byte, comparable across tokenizers."""
+        import numpy as np
+
+        from diablogpt_pytorch import retrieval
+
+        n, C = stats["chunks"], self.chunk_size
+        tokens = retrieval.open_chunks(paths["chunks"], n, C)[:, :C]
+        doc_ids = np.asarray(retrieval.open_doc_ids(paths["doc_ids"], n))
+        bounds = [0] + (1 + np.flatnonzero(doc_ids[1:] != doc_ids[:-1])).tolist() + [n]
+        docs = [tokens[a:b].reshape(-1).tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+        return sum(len(text.encode("utf-8")) for text in self.tokenizer.decode_batch(docs))
 
     def _documents(self) -> list[Path]:
         folder = self.documents_path
@@ -238,6 +275,7 @@ class TrainingWrapper:
             max_seqs=self.max_seqs if train else 2**31 - 1,
             paths=documents,
             embedder=self.embedder,
+            tokenizer=self.tokenizer,
         )
         num_chunks = stats["chunks"]
         if train:
@@ -259,6 +297,7 @@ class TrainingWrapper:
                 seqs_memmap_path=paths["seqs"],
                 num_seqs=stats["seqs"],
                 seq_len=self.seq_len,
+                tokenizer=self.tokenizer,
             )
         else:
             if stats["docs"] + stats.get("empty_docs", 0) != len(documents) or stats.get("truncated"):
@@ -275,6 +314,7 @@ class TrainingWrapper:
                 batch_size=self.embed_batch_size,
                 device=self.embed_device,
                 embedder=self.embedder,
+                tokenizer=self.tokenizer,
             )
         return stats, knn_path
 
@@ -401,6 +441,7 @@ class TrainingWrapper:
         """What a checkpoint records about the database the model was trained with."""
         return {
             "embedder": self.embedder,
+            "tokenizer": self.tokenizer.identity(),
             "knn": self.knn,
             "chunk_size": self.chunk_size,
             "seq_len": self.seq_len,
@@ -446,7 +487,7 @@ class TrainingWrapper:
 
             self._retriever = Retriever(
                 self.paths["chunks"], self.paths["doc_ids"], embedder=self.embedder,
-                device=self.embed_device,
+                device=self.embed_device, tokenizer=self.tokenizer,
             )
         return self._retriever
 
@@ -472,6 +513,13 @@ class TrainingWrapper:
         if self.bf16:
             kwargs.setdefault("autocast_dtype", torch.bfloat16)
         return _generate(self.model, self.retriever, start=start, retrieved=retrieved, **kwargs)
+
+    def ids_to_text(self, ids, stop_at_eos: bool = False):
+        """Token ids (L,) or (b, L) -> text with this wrapper's LM tokenizer (see
+        ``diablogpt_pytorch.generation.ids_to_text``)."""
+        from diablogpt_pytorch.generation import ids_to_text
+
+        return ids_to_text(ids, stop_at_eos=stop_at_eos, tokenizer=self.tokenizer)
 
 
 def lr_schedule(step: int, steps: int, peak: float, warmup: Optional[int] = None,

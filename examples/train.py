@@ -7,7 +7,10 @@
     torchrun --nproc_per_node 2 examples/train.py  # DDP: one process per GPU (or CPU share)
 
 Without --docs it writes the default corpus (Python's own documentation topics, no download) to
-<out>/text_folder. It builds (or reuses) the retrieval database with the offline default embedder,
+<out>/text_folder. The language model's tokenizer is, by default, a lossless byte-level BPE of
+4096 ids trained on the training documents (--tokenizer bert: the embedder's uncased WordPiece of
+30522 ids; or a SentencePiece .model, a tokenizer.json or a Hugging Face tokenizer folder). It
+builds (or reuses) the retrieval database with the offline default embedder,
 trains with a progress bar showing the loss, evaluates on the held-out documents with retrieval
 and with retrieval switched off, writes <out>/loss.png, <out>/metrics.json and
 <out>/checkpoint.pt, and prints a sample generated with retrieval.
@@ -38,7 +41,7 @@ from tqdm.auto import tqdm
 from diablogpt_pytorch import DIABLOGPT, TrainingWrapper, distributed
 from diablogpt_pytorch.config import CPU, SEED
 from diablogpt_pytorch.corpus import write_default_corpus
-from diablogpt_pytorch.embedder import get_tokenizer
+from diablogpt_pytorch.tokenizer import TRAINED_PAD_ID, load_tokenizer
 from diablogpt_pytorch.training import StepBatchSampler, lr_schedule
 
 
@@ -61,6 +64,12 @@ parser.add_argument("--no-bf16", action="store_true", help="train in fp32 (defau
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
 parser.add_argument("--max-new-tokens", type=int, default=128)
+parser.add_argument("--tokenizer", default="train", help="the LM tokenizer: 'train' (default: a "
+                    "byte-level BPE trained on the training documents, stored beside the "
+                    "database), 'bert' (the embedder's WordPiece), a SentencePiece .model file, a "
+                    "tokenizer.json or a Hugging Face tokenizer folder")
+parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the trained "
+                    "tokenizer (default 4096; README 'Tokenizer' says why)")
 parser.add_argument("--evals", type=int, default=4, help="held-out evaluations (with and without "
                     "retrieval) spread evenly over training, the last at the end (default 4)")
 args = parser.parse_args()
@@ -78,6 +87,13 @@ device = dist_info.device if dist_info.distributed else torch.device(
 on_cuda = device.type == "cuda"
 # the seed README's model on CUDA, a small one that trains in minutes on 2 CPU cores otherwise
 config = (SEED if on_cuda else CPU).model_kwargs()
+# the model's vocabulary is the LM tokenizer's (a trained one has <pad> = 0 and at most
+# --vocab-size ids; TrainingWrapper checks num_tokens against the tokenizer it loads)
+if args.tokenizer == "train":
+    config.update(num_tokens=args.vocab_size, pad_id=TRAINED_PAD_ID)
+else:
+    _tok = load_tokenizer(args.tokenizer)
+    config.update(num_tokens=_tok.vocab_size, pad_id=_tok.pad_id)
 steps = args.steps if args.steps is not None else (200 if on_cuda else 150)
 batch_size = args.batch_size or (8 if on_cuda else 4)
 bf16 = not args.no_bf16
@@ -110,6 +126,8 @@ wrapper = TrainingWrapper(
     valid_fraction=args.valid_fraction,
     device=device,
     bf16=bf16,
+    tokenizer=args.tokenizer,
+    tokenizer_vocab_size=args.vocab_size,
 )
 database_seconds = time.time() - started
 
@@ -197,14 +215,14 @@ plt.tight_layout()
 plt.savefig(out / "loss.png", dpi=120)
 
 # a sample: the first chunk of a held-out document as the prompt, retrieval at chunk boundaries
-tokenizer = get_tokenizer(wrapper.embedder)
 prompt, _ = wrapper.valid_ds[0]
 prompt = prompt[None, :64].to(device)
 sampled = wrapper.generate(prompt, filter_thres=0.9, temperature=1.0,
                            max_new_tokens=args.max_new_tokens)
 
 summary = dict(
-    device=str(device), bf16=bf16, config=config, steps=steps, batch_size=batch_size,
+    device=str(device), bf16=bf16, config=config, tokenizer=wrapper.tokenizer.identity(),
+    valid_bytes=wrapper.valid_num_bytes, steps=steps, batch_size=batch_size,
     grad_accum=args.grad_accum, world_size=world_size,
     train_documents=len(wrapper.train_documents), valid_documents=len(wrapper.valid_documents),
     train_stats=wrapper.train_stats, valid_stats=wrapper.valid_stats,
@@ -229,8 +247,8 @@ print(f"retrieval gain (loss without / with, same weights): "
       f"{1 - with_r['loss'] / without_r['loss']:.1%}; along training: "
       + ", ".join(f"step {c['step']} {1 - c['with_retrieval'] / c['without_retrieval']:.1%}"
                   for c in curve))
-print(f"\nprompt: {tokenizer.decode(prompt[0].tolist())}")
-print(f"sample: {tokenizer.decode(sampled[0, prompt.shape[1]:].tolist(), skip_special_tokens=True)}")
+print(f"\nprompt: {wrapper.ids_to_text(prompt[0])}")
+print(f"sample: {wrapper.ids_to_text(sampled[0, prompt.shape[1]:])}")
 print(f"\ncheckpoint {checkpoint_path}, loss curve {out / 'loss.png'}, metrics {out / 'metrics.json'}")
 print(f"wall time {time.time() - started:.0f}s (database {database_seconds:.0f}s, "
       f"training {train_seconds:.0f}s)")

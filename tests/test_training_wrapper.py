@@ -157,8 +157,12 @@ def test_loss_decreases_and_evaluation_runs_in_both_modes(built, tmp_path):
         for m in (with_r, without_r):
             assert all(math.isfinite(m[k]) for k in ("loss", "perplexity", "bits_per_byte"))
             assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
-            assert m["bits_per_byte"] == pytest.approx(
-                m["nats"] / (math.log(2) * sum(p.stat().st_size for p in wrapper.valid_documents)))
+            # bytes of the text the held-out ids decode to (the WordPiece changes case and spacing)
+            tok = wrapper.tokenizer
+            decoded = sum(len(tok.decode(tok.encode(p.read_text())).encode())
+                          for p in wrapper.valid_documents)
+            assert decoded != sum(p.stat().st_size for p in wrapper.valid_documents)
+            assert m["bits_per_byte"] == pytest.approx(m["nats"] / (math.log(2) * decoded))
         assert with_r["loss"] != without_r["loss"]  # retrieval is actually used
     assert after["with_retrieval"]["loss"] < math.log(model.num_tokens) - 1.0
     assert model.training  # evaluate restores the mode
@@ -192,3 +196,50 @@ def test_generate_delegates_with_the_training_database(built):
     assert torch.equal(sampled[:, : 2 * C], prompt)
     assert seen and all(n.shape[-2:] == (K, 2 * C) for n in seen)
     assert model.training  # generation leaves the mode as it found it
+
+
+def test_trained_tokenizer_database_trains_evaluates_and_generates(tmp_path, caplog):
+    _write_corpus(tmp_path / "docs")
+    with pytest.raises(ValueError, match="num_tokens=512"):
+        _wrapper(DIABLOGPT(**TINY, num_tokens=300), tmp_path, tokenizer="train",
+                 tokenizer_vocab_size=512)
+    torch.manual_seed(0)
+    model = DIABLOGPT(**TINY, num_tokens=512)
+    wrapper = _wrapper(model, tmp_path, tokenizer="train", tokenizer_vocab_size=512)
+    tok = wrapper.tokenizer
+    assert (tok.kind, tok.vocab_size, tok.pad_id, tok.eos_id) == ("tokenizers", 512, 0, 1)
+    assert wrapper.tokenizer_path == tmp_path / "db" / "train.chunks.tokenizer.json"
+    assert wrapper.tokenizer_path.is_file()
+    assert wrapper.database_info()["tokenizer"]["fingerprint"] == tok.fingerprint()
+    # lossless: the held-out ids decode to exactly the documents' bytes
+    assert wrapper.valid_num_bytes == sum(p.stat().st_size for p in wrapper.valid_documents)
+    optim = wrapper.get_optimizer(lr=3e-3, wd=0.01)
+    losses = []
+    for seq, retrieved in wrapper.get_dataloader(batch_size=2, shuffle=True,
+                                                 generator=torch.Generator().manual_seed(0)):
+        assert int(seq.max()) < 512 and int(retrieved.max()) < 512
+        loss = model(seq, retrieved, return_loss=True)
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    metrics = wrapper.evaluate(batch_size=16, progress=False)["with_retrieval"]
+    assert metrics["bits_per_byte"] == pytest.approx(
+        metrics["nats"] / (math.log(2) * wrapper.valid_num_bytes))
+    # generation: the prompt (a held-out document's start) comes back with its case and newlines
+    text = wrapper.valid_documents[0].read_text()
+    prompt = torch.tensor([tok.encode(text)[: 2 * C]])
+    sampled = wrapper.generate(prompt, temperature=0.0, max_new_tokens=C)
+    out = wrapper.ids_to_text(sampled[0])
+    head = tok.decode(prompt[0].tolist())
+    assert out.startswith(head) and text.startswith(head)
+    assert "\n" in head and any(c.isupper() for c in head)
+    assert len(out) > len(head)
+    assert wrapper.ids_to_text(torch.tensor([tok.encode("Ab\n\tC")] * 2)) == ["Ab\n\tC"] * 2
+    # a second wrapper over the same folder reuses the tokenizer and every database file
+    with caplog.at_level("INFO"):
+        again = _wrapper(DIABLOGPT(**TINY, num_tokens=512), tmp_path, tokenizer="train",
+                         tokenizer_vocab_size=512)
+    assert again.tokenizer.fingerprint() == tok.fingerprint()
+    assert "reusing tokenizer" in caplog.text and "rebuilding" not in caplog.text
