@@ -56,13 +56,14 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the states saved by ``rng_state``."""
-    torch.set_rng_state(state["torch"])
+    """Restore the states saved by ``rng_state`` (its tensors may be on any device with data:
+    torch and numpy need them as CPU tensors, so they are copied there first)."""
+    torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     random.setstate(_to_tuples(state["python"]))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def _to_lists(x):
@@ -71,6 +72,17 @@ def _to_lists(x):
 
 def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _to_device(x, device: torch.device):
+    """``x`` (nested dicts/lists of tensors and plain values) with every tensor moved to ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x
 
 
 def save_checkpoint(
@@ -154,9 +166,16 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore ``model`` (and ``optimizer``, RNG state) from ``path`` to resume training exactly.
 
-    The model's config must equal the saved one. Returns the payload (``step``, ``extra``, ...).
+    The model's config must equal the saved one. ``map_location`` (a device or device string)
+    places the model and optimizer tensors of the returned payload; the RNG state always loads on
+    the CPU, where ``torch.set_rng_state`` and numpy need it. Returns the payload (``step``,
+    ``extra``, ...).
     """
-    payload = read_checkpoint(path, map_location=map_location)
+    payload = read_checkpoint(path, map_location="cpu")
+    if map_location is not None and torch.device(map_location) != torch.device("cpu"):
+        device = torch.device(map_location)
+        payload["model"] = _to_device(payload["model"], device)
+        payload["optimizer"] = _to_device(payload["optimizer"], device)
     config = getattr(model, "config", None)
     if config is not None and json.loads(json.dumps(config)) != payload["config"]:
         diff = sorted(
