@@ -92,6 +92,19 @@ def test_chunk_formatting_strips_pad_and_eos_and_wraps_once():
     assert ids.tolist() == [[101, 5, 6, 102, 0, 0], [101, 102, 0, 0, 0, 0],
                             [101, 7, 8, 9, 10, 102]]
     assert mask.sum(1).tolist() == [4, 2, 6]
+    # short rows only: still C + 2 wide (the width never depends on the data)
+    ids, mask = emb.format_chunks(torch.tensor([[5, 0, 0, 0]]), pad_id=0, eos_id=102, cls_id=101,
+                                  sep_id=102)
+    assert ids.tolist() == [[101, 5, 102, 0, 0, 0]] and mask.tolist() == [[1, 1, 1, 0, 0, 0]]
+
+
+def test_chunk_formatting_stays_on_the_input_device():
+    """Issue 19 item 2: a CPU arange beside tensors on the input's device broke CUDA queries; the
+    meta device stands in for CUDA (any CPU tensor mixed in raises)."""
+    ids, mask = emb.format_chunks(torch.zeros(3, 4, dtype=torch.long, device="meta"),
+                                  pad_id=0, eos_id=102, cls_id=101, sep_id=102)
+    assert ids.device.type == mask.device.type == "meta"
+    assert ids.shape == mask.shape == (3, 6)
 
 
 def test_chunk_embedding_equals_text_embedding_and_bf16_is_close():
