@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["top_k", "top_p", "sample_next", "generate", "ids_to_text"]
+__all__ = ["top_k", "top_p", "sample_next", "inverse_cdf_sample", "generate", "ids_to_text"]
 
 
 def top_k(logits: Tensor, thres: float = 0.9, k: Optional[int] = None) -> Tensor:
@@ -48,7 +48,11 @@ def top_p(logits: Tensor, thres: float = 0.9) -> Tensor:
 def sample_next(logits: Tensor, temperature: float = 1.0, filter_fn: Optional[Callable] = top_k,
                 filter_thres: float = 0.9, generator: Optional[torch.Generator] = None) -> Tensor:
     """Next token ids (b,) from logits (b, vocab): greedy when ``temperature == 0``, otherwise a
-    sample from softmax(filter_fn(logits, filter_thres) / temperature)."""
+    sample from softmax(filter_fn(logits, filter_thres) / temperature).
+
+    ``generator`` may live on another device than ``logits`` (a CPU generator with a model on
+    CUDA): the sample is then drawn by inverting the distribution's CDF at one uniform per row
+    taken from the generator, so only those b numbers cross devices."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     if temperature < 0:
@@ -57,7 +61,22 @@ def sample_next(logits: Tensor, temperature: float = 1.0, filter_fn: Optional[Ca
     if filter_fn is not None:
         logits = filter_fn(logits, filter_thres)
     probs = (logits / temperature).softmax(dim=-1)
+    if generator is not None and generator.device.type != probs.device.type:
+        uniform = torch.rand(probs.shape[0], generator=generator, device=generator.device)
+        return inverse_cdf_sample(probs, uniform.to(probs.device))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def inverse_cdf_sample(probs: Tensor, uniform: Tensor) -> Tensor:
+    """Token ids (b,) with P(i) = probs[:, i] (rows summing to about 1) for ``uniform`` (b,) drawn
+    from U[0, 1): the first index whose cumulative probability exceeds ``uniform`` times the
+    row's total. A token of probability 0 is never returned (rounding at the top end falls back
+    to the last token of positive probability)."""
+    cdf = probs.cumsum(dim=-1)
+    target = uniform.to(cdf.dtype).unsqueeze(-1) * cdf[..., -1:]
+    index = (cdf <= target).sum(dim=-1)
+    last_positive = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(dim=-1)
+    return torch.minimum(index, last_positive)
 
 
 def _retrieve(retriever, chunks: Tensor, num_neighbors: int, active: Tensor, pad_id: int,

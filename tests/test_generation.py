@@ -190,6 +190,26 @@ def test_sampling_respects_the_filter_and_greedy_at_temperature_zero():
     assert (samples == 1).all()
 
 
+def test_sampling_with_a_generator_on_another_device():
+    """Issue 19 item 3: a CPU generator with logits on CUDA made torch.multinomial refuse. The
+    meta device stands in for CUDA: the uniforms come from the CPU generator, the sample stays on
+    the logits' device."""
+    g = torch.Generator().manual_seed(0)
+    samples = sample_next(torch.zeros(3, 50, device="meta"), 1.0, top_k, 0.9, generator=g)
+    assert samples.shape == (3,) and samples.device.type == "meta"
+    assert g.get_state().ne(torch.Generator().manual_seed(0).get_state()).any()  # it drew from g
+    # the inverse-CDF draw it uses follows the distribution and never picks a zero-probability token
+    from diablogpt_pytorch.generation import inverse_cdf_sample
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1)
+    uniform = torch.rand(20000, generator=torch.Generator().manual_seed(1))
+    counts = torch.bincount(inverse_cdf_sample(probs, uniform), minlength=6) / 20000
+    torch.testing.assert_close(counts, probs[0], atol=0.015, rtol=0)
+    edge = inverse_cdf_sample(probs[:3], torch.tensor([0.0, 0.5, 1.0 - 2 ** -24]))
+    assert edge.tolist() == [1, 3, 4]
+    assert inverse_cdf_sample(probs[:1], torch.tensor([1.0])).tolist() == [4]  # rounding at the top
+
+
 # -- end to end with the real faiss Retriever ---------------------------------------------------------
 
 
