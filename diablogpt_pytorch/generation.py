@@ -127,7 +127,8 @@ def generate(
             ``top_p`` keeps the smallest set with probability >= thres); None samples the full
             distribution.
         temperature: 0 is greedy.
-        max_new_tokens: at most this many new tokens (default: up to ``model.max_seq_len``).
+        max_new_tokens: at most this many new tokens (default: up to ``model.max_seq_len``); 0
+            returns the prompt.
         eos_id: each row stops at its own first generated ``eos_id`` and is padded after it.
         pad_id: padding id (default ``model.pad_id``).
         num_neighbors: K, neighbours per chunk (as in training).
@@ -155,9 +156,20 @@ def generate(
         raise ValueError("the prompt is empty: pass at least one token (or start=None)")
     if t >= model.max_seq_len:
         raise ValueError(f"the prompt has {t} tokens; max_seq_len={model.max_seq_len} leaves no room to generate")
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     limit = model.max_seq_len if max_new_tokens is None else min(model.max_seq_len, t + max_new_tokens)
-    if use_retrieval and retriever is None and (retrieved is None or limit // C > retrieved.shape[1]):
-        raise ValueError("retrieval needs a retriever (or neighbours for every chunk in `retrieved`)")
+    if limit == t:  # nothing to generate
+        return start.clone()
+    # the chunks whose neighbours are fed: the prompt's complete ones, and each one completed
+    # before the last position (a chunk completing at the limit is never fed to the model)
+    fed_chunks = max(t // C, (limit - 1) // C)
+    if use_retrieval and retriever is None and (retrieved is None or fed_chunks > retrieved.shape[1]):
+        raise ValueError(
+            f"retrieval needs a retriever, or neighbours in `retrieved` for every chunk fed to the "
+            f"model ({fed_chunks} chunks; got "
+            f"{None if retrieved is None else retrieved.shape[1]}): pass retriever= or "
+            "use_retrieval=False")
 
     was_training = model.training
     model.eval()

@@ -141,6 +141,25 @@ def test_lengths_never_exceed_max_seq_len_and_respect_max_new_tokens():
         generate(model, TableRetriever(), torch.randint(1, V, (1, 32)))
 
 
+def test_zero_new_tokens_and_neighbours_only_for_the_chunks_fed():
+    """Issue 19 item 6: max_new_tokens=0 returns the prompt; a chunk that completes exactly at the
+    length limit is never fed, so `retrieved` need not hold its neighbours."""
+    model = tiny(max_seq_len=32)
+    prompt = torch.randint(1, V, (2, 5), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(generate(model, None, prompt, max_new_tokens=0), prompt)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, None, prompt, max_new_tokens=-1)
+    full = generate(model, TableRetriever(), prompt, temperature=0.0, num_neighbors=K,
+                    max_new_tokens=2 * C + 3)  # ends at 24 = 3C: chunk 2 completes at the limit
+    assert full.shape == (2, 3 * C)
+    fed = neighbours_for(TableRetriever(), full)[:, :2]  # chunks 0 and 1 only
+    out = generate(model, None, prompt, fed, temperature=0.0, num_neighbors=K,
+                   max_new_tokens=2 * C + 3)
+    assert torch.equal(out, full)
+    with pytest.raises(ValueError, match="every chunk fed"):  # one chunk short
+        generate(model, None, prompt, fed[:, :1], temperature=0.0, max_new_tokens=2 * C + 3)
+
+
 def test_each_row_stops_at_its_own_eos_and_is_padded_after_it():
     model = tiny()
     prompt = torch.randint(1, V, (2, 4), generator=torch.Generator().manual_seed(3))
