@@ -418,13 +418,14 @@ class TrainingWrapper:
     ) -> Path:
         """Save model config + weights (+ optimizer, step, RNG state) atomically to ``path``.
 
-        Under torchrun only rank 0 writes (the plain model's weights, loadable by one process);
-        every rank returns once the file is complete."""
+        Under torchrun only rank 0 writes (the plain model's weights, loadable by one process),
+        with every rank's RNG state; every rank returns once the file is complete."""
         extra = dict(extra or {}, database=self.database_info())
+        rng_states = ckpt.rank_rng_states()  # every rank's own stream, restored on resume
         with distributed.main_process_first(f"saving checkpoint {path}") as main:
             if main:
                 path = ckpt.save_checkpoint(path, self.model, optimizer=optimizer, step=step,
-                                            extra=extra)
+                                            extra=extra, rng_states=rng_states)
         return Path(path)
 
     def load_checkpoint(
@@ -432,7 +433,8 @@ class TrainingWrapper:
         restore_rng: bool = True,
     ) -> dict[str, Any]:
         """Restore weights (+ optimizer, RNG state) saved by ``save_checkpoint``; returns the
-        payload (``payload['step']`` is the step to continue from)."""
+        payload (``payload['step']`` is the step to continue from). Under torchrun each rank
+        restores its own RNG state (saved by as many ranks; else each is seeded afresh)."""
         return ckpt.load_checkpoint(path, self.model, optimizer=optimizer, restore_rng=restore_rng,
                                     map_location=self.device)
 
