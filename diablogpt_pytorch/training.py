@@ -93,8 +93,9 @@ class TrainingWrapper:
             search; embed_dtype: embedder precision ('float32' or 'bfloat16'; default: the
             retrieval module's default).
 
-    Under ``torchrun`` (after ``diablogpt_pytorch.distributed.init_distributed()``): rank 0 builds
-    or validates the database while the other ranks wait, then every rank opens it read-only;
+    Under ``torchrun`` (the wrapper calls ``diablogpt_pytorch.distributed.init_distributed()``
+    itself when the script has not yet): rank 0 builds or validates the database while the
+    other ranks wait, then every rank opens it read-only;
     ``train_model`` is the model wrapped in DistributedDataParallel; ``get_dataloader`` shards the
     sequences with a DistributedSampler; ``evaluate`` splits the held-out set across ranks and
     sums the counts; ``save_checkpoint`` writes from rank 0 only (a single process loads it).
@@ -148,6 +149,12 @@ class TrainingWrapper:
 
         self.tokenizer = emb.tokenizer_info(self.embedder)
         self._check_model()
+        if distributed.launched_distributed() and not distributed.is_distributed():
+            # built under torchrun before the process group: join it now, or every rank would
+            # build the database on the same paths at once
+            logger.info("torchrun's environment is set but no process group is: joining it "
+                        "(distributed.init_distributed) so that rank 0 alone builds the database")
+            distributed.init_distributed(device=self.device)
 
         self.paths = {
             "chunks": Path(chunks_memmap_path),
