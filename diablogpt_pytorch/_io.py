@@ -2,7 +2,8 @@
 
 Every derived file is written under a temporary name beside its final path and renamed when
 complete, so an interrupted run never leaves a half-written file that a later run trusts. Each
-derived file ``X`` has a sidecar ``X.meta.json`` recording what it was made from.
+derived file ``X`` has a sidecar ``X.meta.json`` recording what it was made from and the size and
+modification time of ``X`` itself, so that a file replaced at the same path is not reused.
 """
 
 from __future__ import annotations
@@ -50,14 +51,25 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
             tmp.unlink()
 
 
+def file_identity(path: os.PathLike | str) -> dict[str, int]:
+    """What a sidecar records about its own file: size and modification time (ns). A file
+    replaced at the same path (even by one of the same size) gets a new modification time."""
+    st = Path(path).stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def write_meta(path: os.PathLike | str, meta: dict[str, Any]) -> None:
-    """Atomically write the provenance sidecar of ``path``."""
+    """Atomically write the provenance sidecar of ``path`` (which must be complete, in place):
+    ``meta`` plus ``"file"``, the file's own :func:`file_identity`, which :func:`trusted_meta`
+    checks before the file is reused."""
+    meta = dict(meta, file=file_identity(path))
     with atomic_path(meta_path(path)) as tmp:
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def read_meta(path: os.PathLike | str) -> Optional[dict[str, Any]]:
-    """The provenance recorded for ``path``, or None when there is none (or it is unreadable)."""
+    """The provenance recorded for ``path``, or None when there is none (or it is unreadable).
+    Does not check that it still describes the file: :func:`trusted_meta` does."""
     mp = meta_path(path)
     if not mp.exists():
         return None
@@ -67,11 +79,36 @@ def read_meta(path: os.PathLike | str) -> Optional[dict[str, Any]]:
         return None
 
 
+def trusted_meta(path: os.PathLike | str) -> tuple[Optional[dict[str, Any]], str]:
+    """(meta, "") when ``path`` exists and its sidecar was written for this very file (same size
+    and modification time as recorded); else (None, why not). Every reuse of a derived file goes
+    through here, so a file overwritten after its sidecar was written is never trusted."""
+    path = Path(path)
+    if not path.exists():
+        return None, f"{path} does not exist"
+    meta = read_meta(path)
+    if meta is None:
+        return None, f"{path} has no readable provenance sidecar {meta_path(path)}"
+    recorded, actual = meta.get("file"), file_identity(path)
+    if recorded is None:
+        return None, f"the sidecar of {path} does not record the file's size and time (older format)"
+    if recorded != actual:
+        return None, (f"{path} was replaced after its sidecar was written (size {recorded.get('size')}"
+                      f" -> {actual['size']}, mtime_ns {recorded.get('mtime_ns')} -> "
+                      f"{actual['mtime_ns']})")
+    return meta, ""
+
+
 def is_fresh(path: os.PathLike | str, meta: dict[str, Any]) -> bool:
-    """True when ``path`` exists, REPROCESS is not set, and its recorded provenance equals ``meta``."""
-    if reprocess_requested() or not Path(path).exists():
+    """True when REPROCESS is not set, ``path`` is trusted (:func:`trusted_meta`) and its recorded
+    provenance, apart from the file identity, equals ``meta``."""
+    if reprocess_requested():
         return False
-    return read_meta(path) == json.loads(json.dumps(meta, sort_keys=True))
+    recorded, _ = trusted_meta(path)
+    if recorded is None:
+        return False
+    recorded = {k: v for k, v in recorded.items() if k != "file"}
+    return recorded == json.loads(json.dumps(meta, sort_keys=True))
 
 
 def open_int32_memmap(path: os.PathLike | str, shape: tuple[int, ...], what: str, *,

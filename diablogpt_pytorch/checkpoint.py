@@ -11,6 +11,7 @@ only tensors, numbers, strings, lists and dicts, so it loads with ``torch.load(w
       "optimizer": state_dict or None,
       "step": int,
       "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...], "python": [...], "numpy": [...]},
+      "rng_ranks": [rng of rank 0, rng of rank 1, ...],  # one per rank under torchrun
       "extra_json": '{...}'                              # caller's JSON-serialisable extras
     }
 
@@ -56,13 +57,41 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the states saved by ``rng_state``."""
-    torch.set_rng_state(state["torch"])
+    """Restore the states saved by ``rng_state`` (its tensors may be on any device with data:
+    torch and numpy need them as CPU tensors, so they are copied there first)."""
+    torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     random.setstate(_to_tuples(state["python"]))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def rank_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state`, in rank order (a collective under torchrun: call it on all
+    ranks; ``[rng_state()]`` in one process)."""
+    from diablogpt_pytorch import distributed
+
+    return distributed.all_gather_object(rng_state(), what="gathering the ranks' RNG states")
+
+
+def restore_rank_rng(payload: dict[str, Any]) -> None:
+    """Restore this rank's RNG state from a checkpoint payload: its own entry of ``rng_ranks``
+    when the checkpoint was saved by as many ranks as there are now (an exact resume). Saved by
+    another number of ranks, every RNG is seeded afresh from the step with
+    :func:`diablogpt_pytorch.distributed.seed_everything` (each rank its own stream), with a
+    warning: the run continues, but not as the uninterrupted one would have."""
+    from diablogpt_pytorch import distributed
+
+    states = payload.get("rng_ranks") or [payload["rng"]]
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    if len(states) == world:
+        set_rng_state(states[rank])
+        return
+    logger.warning("the checkpoint holds the RNG states of %d rank(s) but %d rank(s) resume: "
+                   "seeding each rank's RNG from step %d instead (not an exact resume)",
+                   len(states), world, int(payload["step"]))
+    distributed.seed_everything(int(payload["step"]))
 
 
 def _to_lists(x):
@@ -73,17 +102,31 @@ def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
+def _to_device(x, device: torch.device):
+    """``x`` (nested dicts/lists of tensors and plain values) with every tensor moved to ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x
+
+
 def save_checkpoint(
     path: os.PathLike | str,
     model: torch.nn.Module,
     optimizer: Optional[torch.optim.Optimizer] = None,
     step: int = 0,
     extra: Optional[dict[str, Any]] = None,
+    rng_states: Optional[list[dict[str, Any]]] = None,
 ) -> Path:
     """Write ``model`` (with its ``config``), ``optimizer``, ``step`` and the RNG state to ``path``.
 
     ``model`` must have a JSON-serialisable ``config`` dict with ``type(model)(**config)``
-    rebuilding it. The file appears only once complete (temporary name + rename).
+    rebuilding it. ``rng_states``: every rank's RNG state (:func:`rank_rng_states`) when one rank
+    saves for all; default: this process's alone. The file appears only once complete
+    (temporary name + rename).
     """
     path = Path(path)
     config = getattr(model, "config", None)
@@ -99,7 +142,8 @@ def save_checkpoint(
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "step": int(step),
-        "rng": rng_state(),
+        "rng": rng_states[0] if rng_states else rng_state(),
+        "rng_ranks": list(rng_states) if rng_states else None,
         "extra_json": json.dumps(extra or {}, sort_keys=True),
     }
     with atomic_path(path) as tmp:
@@ -154,9 +198,17 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore ``model`` (and ``optimizer``, RNG state) from ``path`` to resume training exactly.
 
-    The model's config must equal the saved one. Returns the payload (``step``, ``extra``, ...).
+    The model's config must equal the saved one. Under torchrun each rank restores its own RNG
+    state (:func:`restore_rank_rng`). ``map_location`` (a device or device string)
+    places the model and optimizer tensors of the returned payload; the RNG state always loads on
+    the CPU, where ``torch.set_rng_state`` and numpy need it. Returns the payload (``step``,
+    ``extra``, ...).
     """
-    payload = read_checkpoint(path, map_location=map_location)
+    payload = read_checkpoint(path, map_location="cpu")
+    if map_location is not None and torch.device(map_location) != torch.device("cpu"):
+        device = torch.device(map_location)
+        payload["model"] = _to_device(payload["model"], device)
+        payload["optimizer"] = _to_device(payload["optimizer"], device)
     config = getattr(model, "config", None)
     if config is not None and json.loads(json.dumps(config)) != payload["config"]:
         diff = sorted(
@@ -173,5 +225,5 @@ def load_checkpoint(
             raise ValueError(f"checkpoint {str(path)!r} holds no optimizer state to resume from")
         optimizer.load_state_dict(payload["optimizer"])
     if restore_rng:
-        set_rng_state(payload["rng"])
+        restore_rank_rng(payload)
     return payload

@@ -324,6 +324,50 @@ def reduce_metrics(metrics: Mapping[str, float], average: bool = False,
     return {k: float(v) for k, v in zip(keys, total.tolist())}
 
 
+def all_gather_object(obj: Any, what: str = "all_gather") -> list:
+    """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` in one process)."""
+    if get_world_size() == 1:
+        return [obj]
+    box = [None] * get_world_size()
+    try:
+        dist.all_gather_object(box, obj, group=_cpu_group)
+    except RuntimeError as err:
+        raise _explain(what, err, _timeouts["default"]) from err
+    return box
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def rank_seed(seed: int, rank: Optional[int] = None) -> int:
+    """This rank's seed derived from the run's ``seed``: ``seed`` itself on rank 0 (so one process
+    draws what it always drew), a different, reproducible 63-bit seed on every other rank."""
+    rank = get_rank() if rank is None else int(rank)
+    if rank == 0:
+        return int(seed)
+    import numpy as np
+
+    words = np.random.SeedSequence([int(seed) % 2**63, rank]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def seed_everything(seed: int, rank: Optional[int] = None) -> int:
+    """Seed torch (CPU and every CUDA device), numpy and Python's ``random`` with
+    :func:`rank_seed`, so that each rank draws its own reproducible stream (dropout masks differ
+    between ranks) instead of every rank drawing the same. Initial weights may then differ
+    between ranks: :func:`wrap_model` (DistributedDataParallel) copies rank 0's to the others.
+    Returns the seed used."""
+    import random
+
+    import numpy as np
+
+    mine = rank_seed(seed, rank)
+    torch.manual_seed(mine)
+    np.random.seed(mine % 2**32)
+    random.seed(mine)
+    return mine
+
+
 # ----------------------------------------------------------------------------- models, shards
 
 

@@ -264,27 +264,30 @@ def format_chunks(chunk_ids: torch.Tensor, *, pad_id: int, eos_id: int, cls_id: 
     """LM chunk ids -> BERT inputs: drop pad/eos ids, wrap in [CLS] ... [SEP], right-pad.
 
     Args:
-        chunk_ids: int (b, C) language-model token ids (= BERT ids).
+        chunk_ids: int (b, C) language-model token ids (= BERT ids), on any device.
 
     Returns:
-        input_ids int64 (b, L) and attention_mask int64 (b, L), L = longest kept row + 2.
+        input_ids int64 (b, C + 2) and attention_mask int64 (b, C + 2) on the input's device.
+        The width is that of the longest possible row, so formatting never waits on the device
+        for the longest kept row; padding is masked, so the pooled embedding is the same.
     """
     ids = torch.as_tensor(chunk_ids).long()
     if ids.ndim != 2:
         raise ValueError(f"chunk ids must be (batch, chunk_size), got shape {tuple(ids.shape)}")
+    device, (b, chunk_size) = ids.device, ids.shape
     keep = (ids != pad_id) & (ids != eos_id)
     lengths = keep.sum(dim=1)
     # move kept tokens to the front, preserving their order
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
     packed = torch.gather(ids, 1, order)
-    width = int(lengths.max().item()) + 2 if ids.shape[0] else 2
-    pos = torch.arange(width - 2).unsqueeze(0)
-    body = torch.where(pos < lengths.unsqueeze(1), packed[:, : width - 2], torch.full_like(pos, pad_id))
-    out = torch.full((ids.shape[0], width), pad_id, dtype=torch.long)
+    pos = torch.arange(chunk_size, device=device).unsqueeze(0)
+    body = torch.where(pos < lengths.unsqueeze(1), packed, torch.full_like(packed, pad_id))
+    out = torch.full((b, chunk_size + 2), pad_id, dtype=torch.long, device=device)
     out[:, 0] = cls_id
     out[:, 1:-1] = body
     out.scatter_(1, (lengths + 1).unsqueeze(1), sep_id)
-    mask = (torch.arange(width).unsqueeze(0) < (lengths + 2).unsqueeze(1)).long()
+    width = torch.arange(chunk_size + 2, device=device).unsqueeze(0)
+    mask = (width < (lengths + 2).unsqueeze(1)).long()
     return out, mask
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["top_k", "top_p", "sample_next", "generate", "ids_to_text"]
+__all__ = ["top_k", "top_p", "sample_next", "inverse_cdf_sample", "generate", "ids_to_text"]
 
 
 def top_k(logits: Tensor, thres: float = 0.9, k: Optional[int] = None) -> Tensor:
@@ -48,7 +48,11 @@ def top_p(logits: Tensor, thres: float = 0.9) -> Tensor:
 def sample_next(logits: Tensor, temperature: float = 1.0, filter_fn: Optional[Callable] = top_k,
                 filter_thres: float = 0.9, generator: Optional[torch.Generator] = None) -> Tensor:
     """Next token ids (b,) from logits (b, vocab): greedy when ``temperature == 0``, otherwise a
-    sample from softmax(filter_fn(logits, filter_thres) / temperature)."""
+    sample from softmax(filter_fn(logits, filter_thres) / temperature).
+
+    ``generator`` may live on another device than ``logits`` (a CPU generator with a model on
+    CUDA): the sample is then drawn by inverting the distribution's CDF at one uniform per row
+    taken from the generator, so only those b numbers cross devices."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     if temperature < 0:
@@ -57,7 +61,22 @@ def sample_next(logits: Tensor, temperature: float = 1.0, filter_fn: Optional[Ca
     if filter_fn is not None:
         logits = filter_fn(logits, filter_thres)
     probs = (logits / temperature).softmax(dim=-1)
+    if generator is not None and generator.device.type != probs.device.type:
+        uniform = torch.rand(probs.shape[0], generator=generator, device=generator.device)
+        return inverse_cdf_sample(probs, uniform.to(probs.device))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def inverse_cdf_sample(probs: Tensor, uniform: Tensor) -> Tensor:
+    """Token ids (b,) with P(i) = probs[:, i] (rows summing to about 1) for ``uniform`` (b,) drawn
+    from U[0, 1): the first index whose cumulative probability exceeds ``uniform`` times the
+    row's total. A token of probability 0 is never returned (rounding at the top end falls back
+    to the last token of positive probability)."""
+    cdf = probs.cumsum(dim=-1)
+    target = uniform.to(cdf.dtype).unsqueeze(-1) * cdf[..., -1:]
+    index = (cdf <= target).sum(dim=-1)
+    last_positive = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(dim=-1)
+    return torch.minimum(index, last_positive)
 
 
 def _retrieve(retriever, chunks: Tensor, num_neighbors: int, active: Tensor, pad_id: int,
@@ -108,7 +127,8 @@ def generate(
             ``top_p`` keeps the smallest set with probability >= thres); None samples the full
             distribution.
         temperature: 0 is greedy.
-        max_new_tokens: at most this many new tokens (default: up to ``model.max_seq_len``).
+        max_new_tokens: at most this many new tokens (default: up to ``model.max_seq_len``); 0
+            returns the prompt.
         eos_id: each row stops at its own first generated ``eos_id`` and is padded after it.
         pad_id: padding id (default ``model.pad_id``).
         num_neighbors: K, neighbours per chunk (as in training).
@@ -136,9 +156,20 @@ def generate(
         raise ValueError("the prompt is empty: pass at least one token (or start=None)")
     if t >= model.max_seq_len:
         raise ValueError(f"the prompt has {t} tokens; max_seq_len={model.max_seq_len} leaves no room to generate")
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     limit = model.max_seq_len if max_new_tokens is None else min(model.max_seq_len, t + max_new_tokens)
-    if use_retrieval and retriever is None and (retrieved is None or limit // C > retrieved.shape[1]):
-        raise ValueError("retrieval needs a retriever (or neighbours for every chunk in `retrieved`)")
+    if limit == t:  # nothing to generate
+        return start.clone()
+    # the chunks whose neighbours are fed: the prompt's complete ones, and each one completed
+    # before the last position (a chunk completing at the limit is never fed to the model)
+    fed_chunks = max(t // C, (limit - 1) // C)
+    if use_retrieval and retriever is None and (retrieved is None or fed_chunks > retrieved.shape[1]):
+        raise ValueError(
+            f"retrieval needs a retriever, or neighbours in `retrieved` for every chunk fed to the "
+            f"model ({fed_chunks} chunks; got "
+            f"{None if retrieved is None else retrieved.shape[1]}): pass retriever= or "
+            "use_retrieval=False")
 
     was_training = model.training
     model.eval()

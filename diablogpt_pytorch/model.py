@@ -185,17 +185,27 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 _LM_HEAD_GROUP_ROWS = 2048  # see _LMHeadLoss.forward
 
 
-def _log_picked(probs: Tensor, logits: Tensor, target: Tensor, acc: torch.dtype) -> Tensor:
-    """log(probs[i, target[i]]) per row, in ``acc``; rows whose probability is below the smallest
-    normal number of probs' dtype (too few bits left, or 0) take a ``log_softmax`` of their logits
-    in ``acc`` instead."""
+def _log_picked(probs: Tensor, logits: Tensor, target: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(log(probs[i, target[i]]) in ``acc``, lost) per row, with no host synchronisation:
+    ``lost`` marks rows whose probability is below the smallest normal number of probs' dtype (too
+    few bits left, or 0), whose log is wrong; the caller recomputes those (:func:`_exact_log_picked`).
+
+    In a dtype whose range is narrower than float32's (float16: its smallest normal, 6e-5, is
+    above a uniform probability over a vocabulary of 30522) the rows would fall back almost always,
+    so every row's log-probability is taken at once from the logits (label logit minus a float32
+    logsumexp of the row) and nothing is lost."""
+    if torch.finfo(probs.dtype).tiny > torch.finfo(torch.float32).tiny:
+        exact = (logits.gather(1, target[:, None]).squeeze(1).to(acc)
+                 - torch.logsumexp(logits.to(acc), dim=-1))
+        return exact, torch.zeros_like(target, dtype=torch.bool)
     picked = probs.gather(1, target[:, None]).squeeze(1).to(acc)
-    lost = picked < torch.finfo(probs.dtype).tiny
-    log_picked = picked.log()
-    if bool(lost.any()):
-        exact = torch.log_softmax(logits[lost].to(acc), dim=-1)
-        log_picked[lost] = exact.gather(1, target[lost][:, None]).squeeze(1)
-    return log_picked
+    return picked.log(), picked < torch.finfo(probs.dtype).tiny
+
+
+def _exact_log_picked(hidden: Tensor, w: Tensor, target: Tensor, acc: torch.dtype) -> Tensor:
+    """log softmax(hidden @ w.T)[i, target[i]] per row, from a float32 (``acc``) log_softmax."""
+    logits = hidden.to(w.dtype) @ w.t()
+    return torch.log_softmax(logits.to(acc), dim=-1).gather(1, target[:, None]).squeeze(1)
 
 
 class _LMHeadLoss(torch.autograd.Function):
@@ -206,7 +216,11 @@ class _LMHeadLoss(torch.autograd.Function):
     straight into the kept gradient logits), and each row's loss is minus the log of its label's
     probability: one rounding of the probability, an absolute error of at most 2^-8 in that row's
     loss in bf16 and 2^-24 in float32. A probability below the dtype's smallest normal number is
-    recomputed from a float32 ``log_softmax`` of its row.
+    recomputed from a float32 ``log_softmax`` of its row, after all blocks (one host
+    synchronisation per call, none per block); in float16 every row's log-probability comes from
+    a float32 logsumexp of its logits instead (see :func:`_log_picked`). Rows with the ignored
+    label are masked arithmetically (their hidden rows and gradient rows multiplied by 0), so no
+    block waits on the host either.
 
     With ``with_grads`` the gradients are computed in the forward pass, from the same logits
     (softmax - one-hot): the loss is a sum, so its gradient is the one computed here times the
@@ -219,8 +233,11 @@ class _LMHeadLoss(torch.autograd.Function):
                 compute_dtype: torch.dtype, with_grads: bool) -> Tensor:
         w = weight.to(compute_dtype)
         acc = torch.promote_types(compute_dtype, torch.float32)
-        total = hidden.new_zeros((), dtype=acc)
         n = hidden.shape[0]
+        keep_all = labels != ignore_index
+        safe_labels = labels.clamp(min=0)
+        log_picked = hidden.new_empty((n,), dtype=acc)
+        lost = torch.zeros(n, dtype=torch.bool, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grads else None
         grad_weight = None  # made by the first product, then accumulated into
         # In a lower-precision compute dtype, the weight gradient is one matmul per group of rows
@@ -238,24 +255,31 @@ class _LMHeadLoss(torch.autograd.Function):
                 rows = slice(begin, min(begin + chunk, group_end))
                 h = hidden[rows].to(compute_dtype)
                 logits = h @ w.t()
-                target = labels[rows]
-                keep = target != ignore_index
-                safe_target = target.clamp(min=0)
+                safe_target = safe_labels[rows]
                 out = grad_logits[begin - group_begin: rows.stop - group_begin] if grouped else None
                 probs = torch.softmax(logits, dim=-1, out=out)
-                picked = _log_picked(probs, logits, safe_target, acc)
-                total -= (picked * keep.to(acc)).sum()
+                log_picked[rows], lost[rows] = _log_picked(probs, logits, safe_target, acc)
                 if not with_grads:
                     continue
                 probs[torch.arange(probs.shape[0], device=probs.device), safe_target] -= 1
-                if not bool(keep.all()):
-                    probs.mul_(keep.to(probs.dtype)[:, None])
-                grad_hidden[rows] = (probs @ w).to(hidden.dtype)
+                # an ignored row's gradient is 0: zero its gradient row and its hidden row in the
+                # weight gradient's product (both (rows, d), far smaller than the probabilities)
+                keep = keep_all[rows].to(compute_dtype)[:, None]
+                grad_hidden[rows] = ((probs @ w) * keep).to(hidden.dtype)
                 if not grouped:
+                    h = h * keep
                     grad_weight = probs.t() @ h if grad_weight is None else grad_weight.addmm_(probs.t(), h)
             if grouped:
-                part = grad_logits.t() @ hidden[group_begin:group_end].to(compute_dtype)
+                part = grad_logits.t() @ (hidden[group_begin:group_end].to(compute_dtype)
+                                          * keep_all[group_begin:group_end].to(compute_dtype)[:, None])
                 grad_weight = part.to(acc) if grad_weight is None else grad_weight.add_(part)
+        lost &= keep_all
+        narrow = torch.finfo(compute_dtype).tiny > torch.finfo(torch.float32).tiny  # none lost
+        rows = lost.nonzero().squeeze(1) if n and not narrow else None  # the one host sync
+        if rows is not None and rows.numel():
+            log_picked[rows] = _exact_log_picked(hidden[rows], w, safe_labels[rows], acc)
+        # where, not a product: an ignored row's log may be -inf (and -inf * 0 is nan)
+        total = -torch.where(keep_all, log_picked, 0).sum(dtype=acc)
         if with_grads:
             if grad_weight is None:  # no rows
                 grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)

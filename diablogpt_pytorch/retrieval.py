@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from diablogpt_pytorch import embedder as emb
 from diablogpt_pytorch import index as idx
 from diablogpt_pytorch._io import (atomic_path, meta_path, open_int32_memmap, read_meta, reprocess_requested,
-                                   write_meta)
+                                   trusted_meta, write_meta)
 from diablogpt_pytorch.neighbours import neighbour_tokens
 
 logger = logging.getLogger(__name__)
@@ -125,8 +125,9 @@ def _normalised(obj: Any) -> Any:
 
 def _cached(paths: Sequence[PathLike], inputs: dict[str, Any], what: str,
             force: bool = False) -> Optional[dict[str, Any]]:
-    """The recorded meta when every path exists with a sidecar recording ``inputs`` (and all
-    sidecars come from one build); else None, after logging why a rebuild is needed."""
+    """The recorded meta when every path exists with a sidecar written for that very file
+    (:func:`diablogpt_pytorch._io.trusted_meta`: same size and modification time) recording
+    ``inputs``, all sidecars from one build; else None, after logging why a rebuild is needed."""
     if force or reprocess_requested():
         logger.info("rebuilding %s: %s", what, "force_reprocess=True" if force else "REPROCESS is set")
         return None
@@ -136,9 +137,9 @@ def _cached(paths: Sequence[PathLike], inputs: dict[str, Any], what: str,
         if not Path(p).exists():
             logger.info("building %s: %s does not exist", what, p)
             return None
-        meta = read_meta(p)
+        meta, why_not = trusted_meta(p)
         if meta is None:
-            logger.info("rebuilding %s: %s has no provenance sidecar %s", what, p, meta_path(p))
+            logger.info("rebuilding %s: %s", what, why_not)
             return None
         if meta.get("inputs") != want:
             old = meta.get("inputs") or {}
@@ -472,7 +473,7 @@ def _embedding_settings(embedder: Optional[str], use_cls_repr: bool, dtype, devi
 
 
 def _check_embedder_matches_chunks(chunk_memmap_path: PathLike, embedder: Optional[str], lm) -> None:
-    meta = read_meta(chunk_memmap_path)
+    meta, _ = trusted_meta(chunk_memmap_path)
     recorded = (meta or {}).get("inputs", {}).get("tokenizer")
     if lm.kind != "bert" or (recorded is not None and recorded.get("kind") != "bert"):
         # the chunks hold another LM tokenizer's ids: any embedder embeds their decoded text
@@ -666,11 +667,12 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
 
 
 def _index_settings(index_path: Path) -> dict[str, Any]:
-    meta = read_meta(index_path)
+    meta, why_not = trusted_meta(index_path)
     if meta is None or "inputs" not in meta:
         raise FileNotFoundError(
-            f"{index_path} has no provenance sidecar {meta_path(index_path)}: it was not built by "
-            "chunks_to_index_and_embed, so how to embed queries for it is unknown; rebuild it")
+            f"{why_not or f'{index_path} has no build record'}: the index was not built (or was "
+            "replaced since it was built) by chunks_to_index_and_embed, so how to embed queries "
+            "for it is unknown; rebuild it (REPROCESS=1)")
     return meta["inputs"]
 
 

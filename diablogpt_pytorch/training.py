@@ -103,8 +103,9 @@ class TrainingWrapper:
             search; embed_dtype: embedder precision ('float32' or 'bfloat16'; default: the
             retrieval module's default).
 
-    Under ``torchrun`` (after ``diablogpt_pytorch.distributed.init_distributed()``): rank 0 builds
-    or validates the database while the other ranks wait, then every rank opens it read-only;
+    Under ``torchrun`` (the wrapper calls ``diablogpt_pytorch.distributed.init_distributed()``
+    itself when the script has not yet): rank 0 builds or validates the database while the
+    other ranks wait, then every rank opens it read-only;
     ``train_model`` is the model wrapped in DistributedDataParallel; ``get_dataloader`` shards the
     sequences with a DistributedSampler; ``evaluate`` splits the held-out set across ranks and
     sums the counts; ``save_checkpoint`` writes from rank 0 only (a single process loads it).
@@ -158,6 +159,13 @@ class TrainingWrapper:
         self.embed_batch_size = int(embed_batch_size)
         self.index_batch_size = int(index_batch_size)
         self.embed_dtype = embed_dtype
+
+        if distributed.launched_distributed() and not distributed.is_distributed():
+            # built under torchrun before the process group: join it now, or every rank would
+            # build the database on the same paths at once
+            logger.info("torchrun's environment is set but no process group is: joining it "
+                        "(distributed.init_distributed) so that rank 0 alone builds the database")
+            distributed.init_distributed(device=self.device)
 
         self.paths = {
             "chunks": Path(chunks_memmap_path),
@@ -459,13 +467,14 @@ class TrainingWrapper:
     ) -> Path:
         """Save model config + weights (+ optimizer, step, RNG state) atomically to ``path``.
 
-        Under torchrun only rank 0 writes (the plain model's weights, loadable by one process);
-        every rank returns once the file is complete."""
+        Under torchrun only rank 0 writes (the plain model's weights, loadable by one process),
+        with every rank's RNG state; every rank returns once the file is complete."""
         extra = dict(extra or {}, database=self.database_info())
+        rng_states = ckpt.rank_rng_states()  # every rank's own stream, restored on resume
         with distributed.main_process_first(f"saving checkpoint {path}") as main:
             if main:
                 path = ckpt.save_checkpoint(path, self.model, optimizer=optimizer, step=step,
-                                            extra=extra)
+                                            extra=extra, rng_states=rng_states)
         return Path(path)
 
     def load_checkpoint(
@@ -473,7 +482,8 @@ class TrainingWrapper:
         restore_rng: bool = True,
     ) -> dict[str, Any]:
         """Restore weights (+ optimizer, RNG state) saved by ``save_checkpoint``; returns the
-        payload (``payload['step']`` is the step to continue from)."""
+        payload (``payload['step']`` is the step to continue from). Under torchrun each rank
+        restores its own RNG state (saved by as many ranks; else each is seeded afresh)."""
         return ckpt.load_checkpoint(path, self.model, optimizer=optimizer, restore_rng=restore_rng,
                                     map_location=self.device)
 

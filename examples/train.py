@@ -99,7 +99,9 @@ batch_size = args.batch_size or (8 if on_cuda else 4)
 bf16 = not args.no_bf16
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
-torch.manual_seed(args.seed)
+# each rank its own reproducible stream (dropout masks differ between ranks); DDP copies rank 0's
+# initial weights to the others
+distributed.seed_everything(args.seed)
 
 docs = Path(args.docs) if args.docs else out / "text_folder"
 if not args.docs:

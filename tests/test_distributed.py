@@ -182,6 +182,22 @@ def test_failure_on_rank0_during_preparation_stops_the_others(tmp_path):
     assert time.monotonic() - start < 80
 
 
+def test_each_rank_draws_and_resumes_its_own_random_stream(tmp_path):
+    """Issue 19 item 4: seeded per rank, dropout masks differ between ranks and each rank's stream
+    is reproducible; a checkpoint written by rank 0 holds every rank's RNG state and each rank
+    resumes its own (before, every rank restored rank 0's)."""
+    assert_ok(finish(launch("rng", tmp_path)))
+    seen = json.loads((tmp_path / "rng.json").read_text())
+    masks = [torch.tensor(m) for m in seen["masks"]]
+    assert not torch.equal(masks[0], masks[1])
+    for rank, mask in enumerate(masks):  # what one process seeded for that rank draws
+        torch.manual_seed(D.rank_seed(7, rank))
+        assert torch.equal(torch.nn.functional.dropout(torch.ones(64), 0.5), mask)
+    assert D.rank_seed(7, 0) == 7  # one process draws what it always drew
+    assert seen["resumed_exactly"] == [True, True]
+    assert seen["next_draws_differ"]
+
+
 # ----------------------------------------------------------------------------- dead ranks
 
 
@@ -279,6 +295,31 @@ def _scenario_hang(out: Path, info):
         D.reduce_metrics({"loss": 1.0}, what="reducing the step's metrics")
     finally:
         (out / "rank0.json").write_text(json.dumps({"elapsed": time.monotonic() - start}))
+
+
+def _scenario_rng(out: Path, info):
+    import random
+
+    import numpy as np
+
+    from diablogpt_pytorch import checkpoint as ckpt
+
+    D.seed_everything(7)
+    mask = torch.nn.functional.dropout(torch.ones(64), 0.5)
+    model = D.wrap_model(tiny_model())  # DDP: rank 0's weights on both ranks
+    states = ckpt.rank_rng_states()
+    with D.main_process_first("saving") as main:
+        if main:
+            ckpt.save_checkpoint(out / "rng.pt", D.unwrap_model(model), rng_states=states)
+    expected = (torch.rand(5).tolist(), np.random.rand(2).tolist(), random.random())
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)  # lose the state
+    ckpt.load_checkpoint(out / "rng.pt", D.unwrap_model(model))
+    got = (torch.rand(5).tolist(), np.random.rand(2).tolist(), random.random())
+    everyone = D.all_gather_object((mask.tolist(), got == expected, expected))
+    if D.is_main():
+        (out / "rng.json").write_text(json.dumps(dict(
+            masks=[e[0] for e in everyone], resumed_exactly=[e[1] for e in everyone],
+            next_draws_differ=everyone[0][2] != everyone[1][2])))
 
 
 if __name__ == "__main__":

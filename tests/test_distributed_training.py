@@ -90,6 +90,41 @@ def test_wrapper_under_two_ranks(tmp_path):
         torch.testing.assert_close(trained.state_dict()[name], value, rtol=0, atol=2e-6)
 
 
+def test_wrapper_built_before_the_process_group_builds_the_database_once(tmp_path):
+    """Issue 19 item 7: a TrainingWrapper made under torchrun before init_distributed had every
+    rank build the database on the same paths at once. It now joins the process group itself:
+    rank 0 builds, rank 1 only opens the files."""
+    from test_distributed import assert_ok, finish, launch
+
+    (tmp_path / "docs").mkdir()
+    for i, (name, text) in enumerate(default_corpus_documents().items()):
+        if i % 8 == 0:
+            (tmp_path / "docs" / name).write_text(text[:2000], encoding="utf-8")
+    results = finish(launch("before_init", tmp_path, script=__file__), timeout=240)
+    assert_ok(results)
+    (_, err0), (_, err1) = results
+    for built in ("chunked ", "wrote "):  # text_folder_to_chunks_, chunks_to_precalculated_knn_
+        assert built in err0 and built not in err1, (err0[-2000:], err1[-2000:])
+    assert "joining it" in err1
+    sizes = json.loads((tmp_path / "before_init.json").read_text())
+    assert sizes[0] == sizes[1] and sizes[0]["train"] > 0
+
+
+def _scenario_before_init(out: Path, info):
+    import logging
+
+    from diablogpt_pytorch import distributed as D
+
+    logging.basicConfig(level=logging.INFO)
+    assert not D.is_distributed()
+    wrapper = make_wrapper(out, tiny_model())  # joins the process group itself
+    assert D.is_distributed() and D.get_world_size() == 2
+    assert isinstance(wrapper.train_model, torch.nn.parallel.DistributedDataParallel)
+    everyone = D.all_gather_object({"train": len(wrapper.train_ds), "valid": len(wrapper.valid_ds)})
+    if D.is_main():
+        (out / "before_init.json").write_text(json.dumps(everyone))
+
+
 def _scenario_wrapper(out: Path, info):
     from diablogpt_pytorch import distributed as D
 
@@ -116,6 +151,6 @@ if __name__ == "__main__":
 
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
-    info = D.init_distributed(device="cpu")
+    info = None if scenario == "before_init" else D.init_distributed(device="cpu")
     globals()[f"_scenario_{scenario}"](out_dir, info)
     D.cleanup()

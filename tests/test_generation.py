@@ -143,6 +143,25 @@ def test_lengths_never_exceed_max_seq_len_and_respect_max_new_tokens():
         generate(model, TableRetriever(), torch.randint(1, V, (1, 32)))
 
 
+def test_zero_new_tokens_and_neighbours_only_for_the_chunks_fed():
+    """Issue 19 item 6: max_new_tokens=0 returns the prompt; a chunk that completes exactly at the
+    length limit is never fed, so `retrieved` need not hold its neighbours."""
+    model = tiny(max_seq_len=32)
+    prompt = torch.randint(1, V, (2, 5), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(generate(model, None, prompt, max_new_tokens=0), prompt)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, None, prompt, max_new_tokens=-1)
+    full = generate(model, TableRetriever(), prompt, temperature=0.0, num_neighbors=K,
+                    max_new_tokens=2 * C + 3)  # ends at 24 = 3C: chunk 2 completes at the limit
+    assert full.shape == (2, 3 * C)
+    fed = neighbours_for(TableRetriever(), full)[:, :2]  # chunks 0 and 1 only
+    out = generate(model, None, prompt, fed, temperature=0.0, num_neighbors=K,
+                   max_new_tokens=2 * C + 3)
+    assert torch.equal(out, full)
+    with pytest.raises(ValueError, match="every chunk fed"):  # one chunk short
+        generate(model, None, prompt, fed[:, :1], temperature=0.0, max_new_tokens=2 * C + 3)
+
+
 def test_each_row_stops_at_its_own_eos_and_is_padded_after_it():
     model = tiny()
     prompt = torch.randint(1, V, (2, 4), generator=torch.Generator().manual_seed(3))
@@ -190,6 +209,26 @@ def test_sampling_respects_the_filter_and_greedy_at_temperature_zero():
     assert (sample_next(logits, 0.0) == 1).all()
     samples = sample_next(logits, 1.0, top_k, 0.75, generator=g)  # k = 1
     assert (samples == 1).all()
+
+
+def test_sampling_with_a_generator_on_another_device():
+    """Issue 19 item 3: a CPU generator with logits on CUDA made torch.multinomial refuse. The
+    meta device stands in for CUDA: the uniforms come from the CPU generator, the sample stays on
+    the logits' device."""
+    g = torch.Generator().manual_seed(0)
+    samples = sample_next(torch.zeros(3, 50, device="meta"), 1.0, top_k, 0.9, generator=g)
+    assert samples.shape == (3,) and samples.device.type == "meta"
+    assert g.get_state().ne(torch.Generator().manual_seed(0).get_state()).any()  # it drew from g
+    # the inverse-CDF draw it uses follows the distribution and never picks a zero-probability token
+    from diablogpt_pytorch.generation import inverse_cdf_sample
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1)
+    uniform = torch.rand(20000, generator=torch.Generator().manual_seed(1))
+    counts = torch.bincount(inverse_cdf_sample(probs, uniform), minlength=6) / 20000
+    torch.testing.assert_close(counts, probs[0], atol=0.015, rtol=0)
+    edge = inverse_cdf_sample(probs[:3], torch.tensor([0.0, 0.5, 1.0 - 2 ** -24]))
+    assert edge.tolist() == [1, 3, 4]
+    assert inverse_cdf_sample(probs[:1], torch.tensor([1.0])).tolist() == [4]  # rounding at the top
 
 
 # -- end to end with the real faiss Retriever ---------------------------------------------------------

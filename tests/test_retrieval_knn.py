@@ -92,6 +92,19 @@ def test_chunk_formatting_strips_pad_and_eos_and_wraps_once():
     assert ids.tolist() == [[101, 5, 6, 102, 0, 0], [101, 102, 0, 0, 0, 0],
                             [101, 7, 8, 9, 10, 102]]
     assert mask.sum(1).tolist() == [4, 2, 6]
+    # short rows only: still C + 2 wide (the width never depends on the data)
+    ids, mask = emb.format_chunks(torch.tensor([[5, 0, 0, 0]]), pad_id=0, eos_id=102, cls_id=101,
+                                  sep_id=102)
+    assert ids.tolist() == [[101, 5, 102, 0, 0, 0]] and mask.tolist() == [[1, 1, 1, 0, 0, 0]]
+
+
+def test_chunk_formatting_stays_on_the_input_device():
+    """Issue 19 item 2: a CPU arange beside tensors on the input's device broke CUDA queries; the
+    meta device stands in for CUDA (any CPU tensor mixed in raises)."""
+    ids, mask = emb.format_chunks(torch.zeros(3, 4, dtype=torch.long, device="meta"),
+                                  pad_id=0, eos_id=102, cls_id=101, sep_id=102)
+    assert ids.device.type == mask.device.type == "meta"
+    assert ids.shape == mask.shape == (3, 6)
 
 
 def test_chunk_embedding_equals_text_embedding_and_bf16_is_close():
@@ -351,6 +364,42 @@ def test_caches_are_reused_and_rebuilt_when_chunks_change(database, tmp_path, ca
     caplog.clear()
     knn_()
     assert caplog.text.count("REPROCESS is set") == 4  # chunks, embeddings, index, knn
+
+
+def test_a_derived_file_replaced_at_its_path_is_not_reused(tmp_path, caplog):
+    """Issue 19 item 8: every sidecar records its own file's size and modification time, so an
+    overwrite of the same size at the same path (the README's dataset mock writes
+    ./train.chunks.knn.dat, the database's default knn path) is rebuilt, not trusted."""
+    docs = write(tmp_path / "docs", real_documents(3))
+    out = tmp_path / "out"
+
+    def knn_():
+        n = chunk(docs, out)["chunks"]
+        return n, retrieval.chunks_to_precalculated_knn_(
+            K, n, C, out / "db.chunks.dat", out / "db.doc_ids.dat", num_extra_neighbors=1)[0]
+
+    n, knn_path = knn_()
+    good = np.fromfile(knn_path, dtype=np.int32)
+    assert read_meta(knn_path)["file"] == {"size": knn_path.stat().st_size,
+                                           "mtime_ns": knn_path.stat().st_mtime_ns}
+    caplog.set_level(logging.INFO, logger="diablogpt_pytorch")
+    for name in ("db.chunks.knn.dat", "db.chunks.dat", "db.chunks.emb.npy", "db.chunks.index"):
+        path = out / name
+        size = path.stat().st_size
+        path.write_bytes(bytes(size))  # same size, same path, other content
+        assert path.stat().st_size == size
+        caplog.clear()
+        _, knn_path = knn_()
+        assert f"{path} was replaced after its sidecar was written" in caplog.text, name
+        np.testing.assert_array_equal(np.fromfile(knn_path, dtype=np.int32), good)
+    caplog.clear()
+    knn_()
+    assert "rebuilding" not in caplog.text  # and trusted again once rebuilt
+
+    # a query-time Retriever refuses an index replaced after its sidecar was written
+    (out / "db.chunks.index").write_bytes((out / "db.chunks.index").read_bytes())
+    with pytest.raises(FileNotFoundError, match="replaced after its sidecar"):
+        retrieval.Retriever(out / "db.chunks.dat", out / "db.doc_ids.dat")
 
 
 def test_embedder_must_match_the_chunks_tokenizer(tmp_path):

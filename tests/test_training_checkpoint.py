@@ -140,3 +140,32 @@ def test_step_batch_sampler_resumes_at_the_same_batch():
     for start in (1, 3, 5):
         assert list(islice(iter(StepBatchSampler(10, 3, seed=1, start_step=start)), 8 - start)) \
             == full[start:]
+
+
+def test_rng_state_loads_on_the_cpu_whatever_map_location(tmp_path):
+    """Issue 19 item 1: resuming onto an accelerator mapped the RNG state there too, and
+    torch.set_rng_state / numpy refuse a non-CPU tensor. The meta device stands in for CUDA."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = DIABLOGPT(**TINY)
+    optim = get_optimizer(model)
+    _step(model, optim, *_batch())
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    path = save_checkpoint(tmp_path / "ckpt.pt", model, optim, step=1)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    with torch.device("meta"):
+        on_device = DIABLOGPT(**TINY)
+    payload = load_checkpoint(path, on_device, map_location="meta")
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0])
+    assert np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+    # the weights and optimizer state went where they were asked to, the RNG state stayed on CPU
+    assert all(t.device.type == "meta" for t in payload["model"].values())
+    moments = [s["exp_avg"] for s in payload["optimizer"]["state"].values()]
+    assert moments and all(t.device.type == "meta" for t in moments)
+    assert payload["rng"]["torch"].device.type == "cpu"
