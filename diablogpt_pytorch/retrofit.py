@@ -292,6 +292,14 @@ class RetroFitted(nn.Module):
                 state_dict.setdefault(key, value)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def save_pretrained(self, path: Union[str, os.PathLike]) -> Path:
+        """Write the model to one checkpoint file (atomically): its config, which names the base
+        model's folder and weights hash, and the new weights (the base's too when not frozen).
+        ``diablogpt_pytorch.checkpoint.load_model(path)`` rebuilds it."""
+        from diablogpt_pytorch.checkpoint import save_checkpoint
+
+        return save_checkpoint(path, self)
+
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, seq: Tensor, retrieved: Optional[Tensor] = None, return_loss: bool = False) -> Tensor:

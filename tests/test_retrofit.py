@@ -223,7 +223,7 @@ def test_unfrozen_checkpoint_stores_the_trained_base(base_path, tmp_path):
     model = retrofit(base_path, **NEW, freeze=False)
     with torch.no_grad():
         model.base.get_input_embeddings().weight.mul_(2)  # as if trained
-    path = save_checkpoint(tmp_path / "retro.pt", model)
+    path = model.save_pretrained(tmp_path / "retro.pt")
     assert any(k.startswith("base.") for k in torch.load(path, weights_only=True)["model"])
     seq, _ = _inputs()
     assert torch.equal(load_model(path)(seq), model.eval()(seq))
