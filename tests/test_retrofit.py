@@ -272,3 +272,52 @@ def test_training_step_and_evaluation_through_the_training_wrapper(tmp_path):
     path = wrapper.save_checkpoint(tmp_path / "retro.pt", optimizer, step=3)
     payload = wrapper.load_checkpoint(path, optimizer)
     assert payload["step"] == 3 and payload["extra"]["database"]["chunk_size"] == 16
+
+
+# -- torchrun -------------------------------------------------------------------------------------
+
+
+def test_ddp_step_under_two_ranks_equals_one_process_step(tmp_path):
+    """Two gloo ranks (as torchrun starts them) each take a DistributedDataParallel step on their
+    own batch; the new weights equal one process's step on the mean of the two losses."""
+    from test_distributed import assert_ok, finish, launch
+
+    base_path = _save_base(tmp_path / "base", "llama")
+    assert_ok(finish(launch("ddp", tmp_path, script=__file__), timeout=180))
+    torch.manual_seed(0)
+    model = _activate(retrofit(base_path, **NEW))
+    opt = torch.optim.SGD(list(model.new_parameters()), lr=0.5)
+    batches = [_inputs(seed=10 + rank, n=N + 1) for rank in range(2)]
+    sum(model(s, r[:, : N // C], return_loss=True) for s, r in batches).div(2).backward()
+    opt.step()
+    trained = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert set(trained) == set(model.state_dict())
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=2e-6)
+
+
+def _scenario_ddp(out: Path, info):
+    from diablogpt_pytorch import distributed as D
+
+    torch.manual_seed(0)
+    model = _activate(retrofit(out / "base", **NEW))
+    ddp = D.wrap_model(model)
+    assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+    seq, retrieved = _inputs(seed=10 + info.rank, n=N + 1)
+    opt = torch.optim.SGD(list(model.new_parameters()), lr=0.5)
+    ddp(seq, retrieved[:, : N // C], return_loss=True).backward()
+    opt.step()
+    if D.is_main():
+        torch.save(model.state_dict(), out / "rank0.pt")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from diablogpt_pytorch import distributed as D
+
+    scenario, out_dir = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    info = D.init_distributed(device="cpu")
+    globals()[f"_scenario_{scenario}"](out_dir, info)
+    D.cleanup()
