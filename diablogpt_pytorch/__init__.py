@@ -7,6 +7,7 @@ Only re-exports. Importing the package does not import faiss, autofaiss or trans
 from diablogpt_pytorch.model import DIABLOGPT
 from diablogpt_pytorch.data import DIABLOGPTDataset
 from diablogpt_pytorch.training import TrainingWrapper
+from diablogpt_pytorch.retrofit import RetroFitted
 
-__all__ = ["DIABLOGPT", "DIABLOGPTDataset", "TrainingWrapper"]
+__all__ = ["DIABLOGPT", "DIABLOGPTDataset", "TrainingWrapper", "RetroFitted"]
 __version__ = "0.1.0"

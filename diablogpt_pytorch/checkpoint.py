@@ -7,6 +7,7 @@ only tensors, numbers, strings, lists and dicts, so it loads with ``torch.load(w
     {
       "format": "diablogpt-checkpoint", "version": 1,
       "config_json": '{"num_tokens": 30522, ...}',      # DIABLOGPT(**json.loads(...))
+      "model_class": "DIABLOGPT",                        # or "RetroFitted" (absent: DIABLOGPT)
       "model": state_dict,
       "optimizer": state_dict or None,
       "step": int,
@@ -17,6 +18,10 @@ only tensors, numbers, strings, lists and dicts, so it loads with ``torch.load(w
 
 ``load_model`` rebuilds a model for inference from the file alone: no documents folder, no
 optimizer. ``load_checkpoint`` restores weights, optimizer and RNG state for an exact resume.
+
+A retro-fitted model (:class:`diablogpt_pytorch.retrofit.RetroFitted`) with a frozen base stores
+only its new weights; its config names the base model's folder and the SHA-256 of its weights,
+and rebuilding it loads that base and refuses one whose weights differ.
 """
 
 from __future__ import annotations
@@ -139,6 +144,7 @@ def save_checkpoint(
         "format": FORMAT,
         "version": VERSION,
         "config_json": json.dumps(config, sort_keys=True),
+        "model_class": type(model).__name__,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "step": int(step),
@@ -177,14 +183,26 @@ def read_checkpoint(path: os.PathLike | str, map_location: Any = "cpu") -> dict[
 
 
 def load_model(path: os.PathLike | str, map_location: Any = "cpu"):
-    """A ``DIABLOGPT`` rebuilt from a checkpoint's config and weights, in eval mode.
+    """A ``DIABLOGPT`` (or ``RetroFitted``) rebuilt from a checkpoint's config and weights, in
+    eval mode.
 
-    Needs only the checkpoint file: no documents folder, memmaps or optimizer.
+    Needs only the checkpoint file: no documents folder, memmaps or optimizer. A retro-fitted
+    model also loads its base model from the folder its config names, which must hold the same
+    weights as when it was retro-fitted.
     """
     from diablogpt_pytorch.model import DIABLOGPT
 
     payload = read_checkpoint(path, map_location=map_location)
-    model = DIABLOGPT(**payload["config"])
+    model_class = payload.get("model_class", "DIABLOGPT")
+    if model_class == "DIABLOGPT":
+        model = DIABLOGPT(**payload["config"])
+    elif model_class == "RetroFitted":
+        from diablogpt_pytorch.retrofit import RetroFitted
+
+        model = RetroFitted(**payload["config"])
+    else:
+        raise ValueError(f"checkpoint {str(path)!r} holds a {model_class!r}, which load_model cannot "
+                         "rebuild (it rebuilds DIABLOGPT and RetroFitted)")
     model.load_state_dict(payload["model"])
     return model.eval()
 
@@ -215,6 +233,13 @@ def load_checkpoint(
             k for k in set(config) | set(payload["config"])
             if json.loads(json.dumps(config.get(k))) != payload["config"].get(k)
         )
+        if "base_sha256" in diff:
+            raise ValueError(
+                f"checkpoint {str(path)!r} was retro-fitted onto a base model with weights sha256 "
+                f"{payload['config'].get('base_sha256')}, but this model's base "
+                f"({config.get('base')!r}) has sha256 {config.get('base_sha256')}: retro-fit the "
+                "base the checkpoint was made from, or use load_model(path)"
+            )
         raise ValueError(
             f"checkpoint {str(path)!r} was saved from a model with a different config (differs "
             f"in {diff}); build the model with read_checkpoint(path)['config'] or load_model(path)"

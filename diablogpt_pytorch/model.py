@@ -296,6 +296,23 @@ class _LMHeadLoss(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+def lm_head_loss(hidden: Tensor, weight: Tensor, labels: Tensor, pad_id: int, chunk: int) -> Tensor:
+    """Mean cross-entropy of ``labels`` (b, n) under logits ``hidden (b, n, d) @ weight.T`` over
+    the labels that are not ``pad_id``.
+
+    The (b, n, vocab) logits never exist all at once: :class:`_LMHeadLoss` makes them ``chunk``
+    rows at a time, through one fused softmax that accumulates in float32, and (when gradients
+    are wanted) takes its gradients from them right away, so the backward pass does not remake
+    them. Matmuls run in the autocast dtype when autocast is on, else in the weight's dtype."""
+    device_type = hidden.device.type
+    compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                     else weight.dtype)
+    with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    total = _LMHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                              pad_id, chunk, compute_dtype, with_grads)
+    return total / (labels != pad_id).sum().clamp(min=1)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with a learned gain; ``gated`` adds an elementwise sigmoid gate ``sigmoid(w * x)``
     on the normalised output (gated RMSNorm, Zhang, Titov and Sennrich 2021, "Sparse Attention with
@@ -853,18 +870,7 @@ class DIABLOGPT(nn.Module):
             return self.to_logits(self._run(seq, retrieved, cache=None))
         seq, labels = seq[:, :-1], seq[:, 1:]
         hidden = self._run(seq, retrieved, cache=None)
-        # The (b, n, num_tokens) logits never exist all at once: the loss makes them loss_chunk
-        # rows at a time, through one fused softmax that accumulates in float32, and (when
-        # gradients are wanted) takes its gradients from them right away, so the backward pass
-        # does not remake them.
-        device_type = hidden.device.type
-        compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                         else self.to_logits.weight.dtype)
-        weight = self.to_logits.weight
-        with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-        total = _LMHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                  self.pad_id, self.loss_chunk, compute_dtype, with_grads)
-        return total / (labels != self.pad_id).sum().clamp(min=1)
+        return lm_head_loss(hidden, self.to_logits.weight, labels, self.pad_id, self.loss_chunk)
 
     @torch.no_grad()
     def init_cache(self, batch_size: int, retrieval: bool = True, device=None,
@@ -895,21 +901,7 @@ class DIABLOGPT(nn.Module):
     def _run(self, tokens: Tensor, retrieved: Optional[Tensor], cache: Optional[DecodeCache]) -> Tensor:
         """Final hidden states (b, n, dec_dim) of ``tokens`` (b, n), with or without a cache."""
         b, n = tokens.shape
-        C = self.chunk_size
-        start = cache.length if cache is not None else 0
-        end = start + n
-        if end > self.max_seq_len:
-            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.max_seq_len}")
-        new_chunks = end // C - start // C
-        use_retrieval = cache.retrieval if cache is not None else retrieved is not None
-        if use_retrieval and new_chunks > 0:
-            retrieved = self._check_retrieved(retrieved, b, new_chunks, exact=cache is not None)
-        elif cache is not None and retrieved is not None and retrieved.shape[1] != 0:
-            raise ValueError(
-                f"retrieved was given for {retrieved.shape[1]} chunk(s) but "
-                + ("this cache decodes without retrieval" if not cache.retrieval
-                   else f"no chunk completes in positions [{start}, {end})")
-            )
+        start, end, new_chunks, use_retrieval, retrieved = self._plan_call(tokens, retrieved, cache)
 
         neighbour_emb = None
         if use_retrieval and new_chunks > 0 and torch.is_grad_enabled() and self.token_emb.weight.requires_grad:
@@ -939,6 +931,32 @@ class DIABLOGPT(nn.Module):
         if cache is not None:
             cache.length = end
         return self.final_norm(x)
+
+    def _plan_call(self, tokens: Tensor, retrieved: Optional[Tensor], cache: Optional[DecodeCache]) -> tuple:
+        """(start, end, new_chunks, use_retrieval, retrieved) of a call over ``tokens`` (b, n): the
+        positions [start, end) it covers, how many chunks complete inside it, whether CCA runs,
+        and the neighbours of exactly those chunks (checked against the cache and the shapes)."""
+        b, n = tokens.shape
+        C = self.chunk_size
+        start = cache.length if cache is not None else 0
+        end = start + n
+        if end > self.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.max_seq_len}")
+        new_chunks = end // C - start // C
+        use_retrieval = cache.retrieval if cache is not None else retrieved is not None
+        if use_retrieval and new_chunks > 0:
+            retrieved = self._check_retrieved(retrieved, b, new_chunks, exact=cache is not None)
+        elif cache is not None and retrieved is not None and retrieved.shape[1] != 0:
+            raise ValueError(
+                f"retrieved was given for {retrieved.shape[1]} chunk(s) but "
+                + ("this cache decodes without retrieval" if not cache.retrieval
+                   else f"no chunk completes in positions [{start}, {end})")
+            )
+        return start, end, new_chunks, use_retrieval, retrieved
+
+    def _cca(self, layer_id: int) -> Residual:
+        """The chunked cross-attention sub-layer of decoder layer ``layer_id`` (0-based)."""
+        return self.layers[layer_id][1]
 
     def _check_retrieved(self, retrieved: Optional[Tensor], b: int, chunks: int, exact: bool) -> Tensor:
         C = self.chunk_size
@@ -983,7 +1001,7 @@ class DIABLOGPT(nn.Module):
         flat = rearrange(encoded, "b m l d -> (b m) l d")
         keys, values = [], []
         for layer_id in self.cca_layer_ids:
-            ck, cv = self.layers[layer_id][1].fn.keys_values(flat, rot)  # (b m, h, 1 + K*2C, dh)
+            ck, cv = self._cca(layer_id).fn.keys_values(flat, rot)  # (b m, h, 1 + K*2C, dh)
             keys.append(rearrange(ck, "(b m) h l d -> b m h l d", b=b))
             values.append(rearrange(cv, "(b m) h l d -> b m h l d", b=b))
         mask = torch.cat((torch.ones(b, m, 1, dtype=torch.bool, device=h.device),

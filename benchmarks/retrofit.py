@@ -1,0 +1,251 @@
+"""RETRO-fitting a pretrained decoder: does it beat its base, and for how much training?
+
+    HF_HUB_OFFLINE=1 python benchmarks/retrofit.py                      # near_duplicate, ~10 min
+    HF_HUB_OFFLINE=1 python benchmarks/retrofit.py --corpora natural,near_duplicate
+
+For each corpus of ``retrieval_gain.py`` (``near_duplicate``: every document of the default corpus
+twice, as it is and re-wrapped, split by file; ``natural``: the default corpus):
+
+1. pretrain a small GPT-2 decoder (a ``transformers.GPT2LMHeadModel``, 256 wide, 4 blocks, 256
+   positions, the embedder's 30522-token vocabulary, randomly initialised) on the training split
+   without retrieval for ``--pretrain-steps`` and save it with ``save_pretrained`` (a later run
+   with the same settings loads it instead);
+2. retro-fit it (:func:`diablogpt_pytorch.retrofit.retrofit`: CCA after blocks 2 and 4, a 2-layer
+   128-wide encoder, chunk size 64, K=2; base frozen) and train the new parameters with retrieval
+   for ``--retrofit-steps``;
+3. train DIABLOGPT from scratch with retrieval (the main job's CPU configuration) for
+   ``--scratch-steps``, evaluating along the way, to see at which step it reaches the
+   retro-fitted model's held-out loss.
+
+Every stage uses the library's TrainingWrapper, get_optimizer, the main job's schedule
+(``lr_schedule``), 4 x 256 tokens per step and bf16 autocast (``retrieval_gain.train_run``).
+Reported: held-out loss of the base, of the retro-fitted model with retrieval and without (the
+latter equals the base's exactly), of DIABLOGPT from scratch, and the trained parameter counts.
+
+Writes ``<out>/retrofit.json`` (every evaluation, and a history of every run) and, unless
+``--no-report``, the "Retro-fitting" section of BENCHMARKS.md. Every run is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+from diablogpt_pytorch import DIABLOGPT
+from diablogpt_pytorch.config import CPU
+from diablogpt_pytorch.retrofit import retrofit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402
+from retrieval_gain import CORPORA, build_wrapper, make_corpus, train_run  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("retrofit")
+
+# the base decoder: about the width and depth of the main job's CPU DIABLOGPT decoder
+BASE = dict(vocab_size=30522, n_positions=CPU.max_seq_len, n_embd=256, n_layer=4, n_head=4,
+            pad_token_id=0, bos_token_id=102, eos_token_id=102)
+# the new parts: as the CPU DIABLOGPT's encoder and CCA
+NEW = dict(dec_cross_attn_layers=(2, 4), enc_dim=CPU.enc_dim, enc_depth=CPU.enc_depth,
+           heads=CPU.heads, dim_head=CPU.dim_head, chunk_size=CPU.chunk_size,
+           max_seq_len=CPU.max_seq_len)
+
+
+def count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def pretrained_base(name: str, folder: Path, wrapper, args) -> tuple[Path, list[dict]]:
+    """The base decoder for corpus ``name``: loaded from ``folder`` when a previous run saved it
+    with the same settings, else pretrained here without retrieval and saved."""
+    import transformers
+
+    settings = dict(BASE, corpus=name, steps=args.pretrain_steps, lr=args.lr, seed=args.seed,
+                    batch_size=args.batch_size, documents=[str(p) for p in wrapper.train_documents])
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    done = folder / "pretrain.json"
+    if done.is_file() and json.loads(done.read_text()).get("key") == key:
+        logger.info("%s: reusing the base pretrained by an earlier run in %s", name, folder)
+        return folder, json.loads(done.read_text())["records"]
+    torch.manual_seed(args.seed)
+    init = folder.with_name(folder.name + ".init")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**BASE)).save_pretrained(init)
+    model = retrofit(init, **NEW, freeze=False)  # retrieval off: exactly the GPT-2 model
+    logger.info("%s: pretraining the base (%d parameters) for %d steps", name,
+                count(model.base.parameters()), args.pretrain_steps)
+    records = train_run(wrapper, model, retrieval=False, steps=args.pretrain_steps,
+                        eval_at=[args.pretrain_steps], batch_size=args.batch_size, lr=args.lr,
+                        wd=args.wd, seed=args.seed)
+    model.base.save_pretrained(folder)
+    _report.write_atomically(done, lambda tmp: tmp.write_text(json.dumps(dict(key=key, records=records))))
+    return folder, records
+
+
+def first_step_reaching(records: list[dict], loss: float):
+    """The first evaluated step whose held-out loss with retrieval is <= ``loss`` (else None)."""
+    return next((r["step"] for r in records if r["step"] > 0 and r["with_retrieval"] <= loss), None)
+
+
+def run_corpus(name: str, work: Path, args) -> dict:
+    folder = make_corpus(name, work)
+    torch.manual_seed(args.seed)
+    scratch = DIABLOGPT(**CPU.model_kwargs())
+    scratch_state = {k: v.clone() for k, v in scratch.state_dict().items()}
+    wrapper = build_wrapper(folder, work / name / "db", scratch, args.knn, not args.no_bf16)
+
+    started = time.time()
+    base_path, pretrain = pretrained_base(name, work / name / "base", wrapper, args)
+    pretrain_seconds = time.time() - started
+
+    torch.manual_seed(args.seed)
+    model = retrofit(base_path, **NEW)
+    logger.info("%s: retro-fitting, %d new parameters trained, %d frozen", name,
+                count(model.new_parameters()), count(model.base.parameters()))
+    started = time.time()
+    fitted = train_run(wrapper, model, retrieval=True, steps=args.retrofit_steps,
+                       eval_at=sorted({s for s in args.eval_at if s < args.retrofit_steps}
+                                      | {args.retrofit_steps}),
+                       batch_size=args.batch_size, lr=args.retrofit_lr, wd=args.wd, seed=args.seed + 1)
+    retrofit_seconds = time.time() - started
+
+    runs = dict(pretrain=pretrain, retrofit=fitted)
+    scratch_seconds = None
+    if args.scratch_steps:
+        scratch.load_state_dict(scratch_state)
+        torch.manual_seed(args.seed + 1)
+        started = time.time()
+        runs["scratch"] = train_run(
+            wrapper, scratch, retrieval=True, steps=args.scratch_steps,
+            eval_at=sorted({s for s in args.eval_at if s < args.scratch_steps} | {args.scratch_steps}),
+            batch_size=args.batch_size, lr=args.lr, wd=args.wd, seed=args.seed)
+        scratch_seconds = time.time() - started
+    final = fitted[-1]
+    return dict(
+        corpus=name, train_documents=len(wrapper.train_documents),
+        valid_documents=len(wrapper.valid_documents),
+        base_parameters=count(model.base.parameters()),
+        new_parameters=count(model.new_parameters()),
+        scratch_parameters=count(scratch.parameters()),
+        seconds=dict(pretrain=pretrain_seconds, retrofit=retrofit_seconds, scratch=scratch_seconds),
+        summary=dict(
+            base=final["without_retrieval"],  # equal to the base model's own loss
+            base_at_start=fitted[0]["without_retrieval"],
+            retrofit_with=final["with_retrieval"], retrofit_without=final["without_retrieval"],
+            gain=1 - final["with_retrieval"] / final["without_retrieval"],
+            scratch=runs["scratch"][-1]["with_retrieval"] if "scratch" in runs else None,
+            scratch_steps_to_match=(first_step_reaching(runs["scratch"], final["with_retrieval"])
+                                    if "scratch" in runs else None)),
+        runs=runs)
+
+
+def section(payload: dict) -> str:
+    """The BENCHMARKS.md section: every run's final figures and the last run's curves."""
+    lines = [
+        "## Retro-fitting",
+        "",
+        "Generated by `python benchmarks/retrofit.py` (raw numbers: `benchmarks/results/retrofit.json`). "
+        "A GPT-2 decoder (256 wide, 4 blocks, the embedder's vocabulary) is pretrained without "
+        "retrieval on the corpus's training split, then retro-fitted (CCA after blocks 2 and 4, "
+        "2-layer 128-wide encoder, C = 64, K = 2, base frozen) and only the new parameters are "
+        "trained with retrieval; DIABLOGPT (the main job's CPU configuration) is trained from "
+        "scratch with retrieval for comparison. 4 x 256 tokens per step, bf16, `lr_schedule`. "
+        "`base` is the held-out loss of the pretrained base, which is also the retro-fitted model's "
+        "with retrieval off (exactly); `gain` = 1 - retro-fitted with / base; `scratch reaches it "
+        "at` is the first evaluated step at which DIABLOGPT from scratch has the retro-fitted "
+        "model's held-out loss (`-`: not within its steps).",
+        "",
+        "| when | commit | corpus | pretrain steps | retro-fit steps | base | retro-fitted with retrieval "
+        "| gain | trained params (retro-fit / scratch) | scratch steps | scratch | scratch reaches it at |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in payload["history"]:
+        for r in run["results"]:
+            s = r["summary"]
+            scratch = "-" if s["scratch"] is None else f"{s['scratch']:.3f}"
+            reach = s["scratch_steps_to_match"] if s["scratch_steps_to_match"] is not None else "-"
+            lines.append(
+                f"| {run['when']} | {run['commit']} | {r['corpus']} | {run['pretrain_steps']} | "
+                f"{run['retrofit_steps']} | {s['base']:.3f} | {s['retrofit_with']:.3f} | "
+                f"{s['gain']:.1%} | {r['new_parameters'] / 1e6:.2f}M / {r['scratch_parameters'] / 1e6:.2f}M | "
+                f"{run['scratch_steps']} | {scratch} | {reach} |")
+    lines += ["", f"Held-out loss along the last run ({payload['commit']}, {payload['cpu']}):", "",
+              "| corpus | run | step | with retrieval | without retrieval | seconds |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for r in payload["results"]:
+        for label in ("pretrain", "retrofit", "scratch"):
+            for rec in r["runs"].get(label, []):
+                lines.append(f"| {r['corpus']} | {label} | {rec['step']} | {rec['with_retrieval']:.3f} | "
+                             f"{rec['without_retrieval']:.3f} | {rec['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpora", default="near_duplicate", help=f"comma-separated, of {CORPORA}")
+    p.add_argument("--pretrain-steps", type=int, default=200)
+    p.add_argument("--retrofit-steps", type=int, default=100)
+    p.add_argument("--scratch-steps", type=int, default=300,
+                   help="DIABLOGPT from scratch (0 skips it); default: pretrain + retro-fit steps")
+    p.add_argument("--eval-at", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[25, 50, 100, 150, 200, 300])
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--retrofit-lr", type=float, default=1e-3)
+    p.add_argument("--wd", type=float, default=0.01)
+    p.add_argument("--knn", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "retrieval_gain"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--no-report", action="store_true", help="do not touch BENCHMARKS.md")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("diablogpt_pytorch", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results = [run_corpus(name, work, args) for name in args.corpora.split(",")]
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                if line.startswith("Model name")), platform.processor())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip()
+    payload = dict(commit=commit, cpu=cpu, when=time.strftime("%Y-%m-%d", time.gmtime()),
+                   pretrain_steps=args.pretrain_steps, retrofit_steps=args.retrofit_steps,
+                   scratch_steps=args.scratch_steps, batch_size=args.batch_size, lr=args.lr,
+                   retrofit_lr=args.retrofit_lr, wd=args.wd, bf16=not args.no_bf16,
+                   seconds=time.time() - started, results=results)
+    json_path = out / "retrofit.json"
+    previous = json.loads(json_path.read_text()).get("history", []) if json_path.exists() else []
+    payload["history"] = previous + [{
+        **{k: v for k, v in payload.items() if k not in ("results", "history")},
+        "results": [{k: v for k, v in r.items() if k != "runs"} for r in results]}]
+    _report.write_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
+    if not args.no_report:
+        _report.write_section(REPO / "BENCHMARKS.md", "retrofit", section(payload))
+
+    print(f"\ncommit {commit}, {cpu}, {time.time() - started:.0f} s")
+    print(f"{'corpus':<16}{'base':>8}{'retro-fit':>11}{'gain':>8}{'trained':>10}{'scratch':>9}{'reaches':>9}")
+    for r in results:
+        s = r["summary"]
+        scratch = "-" if s["scratch"] is None else f"{s['scratch']:.3f}"
+        print(f"{r['corpus']:<16}{s['base']:>8.3f}{s['retrofit_with']:>11.3f}{s['gain']:>8.1%}"
+              f"{r['new_parameters'] / 1e6:>9.2f}M{scratch:>9}{str(s['scratch_steps_to_match']):>9}")
+
+
+if __name__ == "__main__":
+    main()
