@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from diablogpt_pytorch.hub import PretrainedMixin
+
 __all__ = ["DIABLOGPT", "DecodeCache", "deepnet_constants"]
 
 
@@ -677,7 +679,7 @@ class Encoder(nn.Module):
 # the model
 
 
-class DIABLOGPT(nn.Module):
+class DIABLOGPT(PretrainedMixin, nn.Module):
     """RETRO: a decoder-only language model with chunked cross-attention to retrieved neighbours.
 
     Args:
@@ -694,6 +696,9 @@ class DIABLOGPT(nn.Module):
             (default: all).
         use_deepnet: DeepNet post-norm residuals with alpha scaling and beta-scaled init.
         gated_rmsnorm: gated RMSNorm everywhere.
+
+    ``save_pretrained(dir)`` writes ``config.json`` + ``model.safetensors``;
+    ``DIABLOGPT.from_pretrained(dir_or_repo_id)`` loads them (see :mod:`diablogpt_pytorch.hub`).
     """
 
     def __init__(
