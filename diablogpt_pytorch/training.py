@@ -197,6 +197,9 @@ class TrainingWrapper:
                 if self.valid_documents:
                     built["valid"] = self._build_files(self.valid_documents, self.valid_paths,
                                                        train=False)
+                from diablogpt_pytorch.database import write_manifest
+
+                write_manifest(self, built)  # database.json: what each file is, counts, embedder
         built = distributed.broadcast_object(built, what="sharing the database layout")
         self.train_ds, self.train_stats = self._build(self.train_documents, self.paths, train=True,
                                                       built=built["train"])
