@@ -54,7 +54,7 @@ def launch(scenario: str, out: Path, world_size: int = WORLD, script: str = __fi
     return procs
 
 
-def finish(procs, timeout: float = 120) -> list:
+def finish(procs, timeout: float = 300) -> list:
     """(returncode, stderr) per rank; kills every process still running after ``timeout``."""
     deadline = time.monotonic() + timeout
     results = []
