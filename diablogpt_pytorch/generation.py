@@ -4,7 +4,9 @@ The prompt is processed in one forward pass (its complete chunks retrieved in on
 each new token costs one cached decoder step (:meth:`DIABLOGPT.decode`). When a chunk completes,
 its neighbours are retrieved (formatted exactly as at index time by the retriever), encoded once,
 and their chunked cross-attention keys/values cached; old neighbours are never re-encoded. The
-logits equal a full forward over the same prefix with the same neighbours.
+logits equal a full forward over the same prefix with the same neighbours. Prompts of different
+lengths share the forward pass over the shortest one; each longer row is then fed its own prompt
+tokens one step at a time while the others sample, so every row keeps its own chunk boundaries.
 """
 
 from __future__ import annotations
