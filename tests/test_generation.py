@@ -396,6 +396,30 @@ def test_generation_retrieves_exactly_as_training_neighbours_were_made(small_dat
         assert torch.equal(neighbours, torch.from_numpy(expected))
 
 
+def test_ragged_prompts_with_the_real_retriever_equal_each_alone(small_database):
+    """Database documents' chunks as prompts of different lengths, each row excluding its own
+    document: the batch retrieves per row what each prompt alone retrieves, and generates it."""
+    from diablogpt_pytorch.retrieval import Retriever
+
+    paths, chunks, doc_ids, knn = small_database
+    retriever = Retriever(paths["chunks"], paths["doc_ids"])
+    ids = np.asarray(chunks[:, :C], dtype=np.int64).reshape(-1)
+    starts = [0, 3 * C + 2, 7 * C + 1]
+    prompts = [torch.from_numpy(ids[s:s + n]) for s, n in zip(starts, (2 * C + 3, 5, C))]
+    exclude = [[int(doc_ids[s // C])] for s in starts]
+    model = tiny(num_tokens=30522, max_seq_len=4 * C)
+    kw = dict(temperature=0.0, num_neighbors=K)
+    seen = {}
+    out = generate(model, retriever, prompts, exclude_doc_ids=exclude, **kw,
+                   on_retrieve=lambda u, chunk, nb: seen.__setitem__(u, nb.clone()))
+    for i, prompt in enumerate(prompts):
+        mine = {}
+        alone = generate(model, retriever, prompt, exclude_doc_ids=exclude[i:i + 1], **kw,
+                         on_retrieve=lambda u, chunk, nb: mine.__setitem__(u, nb[0]))
+        assert torch.equal(out[i:i + 1], alone)
+        assert sorted(mine) == list(range(3)) and all(torch.equal(seen[u][i], mine[u]) for u in mine)
+
+
 def test_generation_needs_only_a_checkpoint_the_index_and_the_chunks(small_database, tmp_path):
     from diablogpt_pytorch.checkpoint import load_model, save_checkpoint
     from diablogpt_pytorch.generation import ids_to_text
