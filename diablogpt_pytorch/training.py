@@ -515,8 +515,9 @@ class TrainingWrapper:
         Delegates to ``diablogpt_pytorch.generation.generate(model, retriever, start, retrieved,
         **kwargs)`` (filter_fn, filter_thres, temperature, max_new_tokens, ...; see there), with
         this wrapper's retriever, eos/pad ids, ``num_neighbors=knn`` and, when built with
-        ``bf16=True``, bfloat16 autocast as defaults. Returns LongTensor (b, L <= max_seq_len):
-        the prompt followed by the sampled tokens.
+        ``bf16=True``, bfloat16 autocast as defaults. ``start``: a prompt (t,), a batch (b, t) or
+        a list of prompts of different lengths. Returns LongTensor (b, L <= max_seq_len): each
+        prompt followed by its sampled tokens, padded after its end.
         """
         from diablogpt_pytorch.generation import generate as _generate
 

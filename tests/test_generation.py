@@ -231,6 +231,124 @@ def test_sampling_with_a_generator_on_another_device():
     assert inverse_cdf_sample(probs[:1], torch.tensor([1.0])).tolist() == [4]  # rounding at the top
 
 
+RAGGED = [3, C, 2 * C + 5, 1, C + 1]  # lengths off and on chunk boundaries, one of 1 token
+
+
+def ragged_prompts(lengths=RAGGED, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, V, (n,), generator=g) for n in lengths]
+
+
+def assert_rows_equal_alone(batched, alone, pad_id):
+    """Row i of the batched output is generation i alone, padded after its end."""
+    assert batched.shape == (len(alone), max(a.shape[1] for a in alone))
+    for i, a in enumerate(alone):
+        assert torch.equal(batched[i, : a.shape[1]], a[0]), f"row {i}"
+        assert (batched[i, a.shape[1]:] == pad_id).all(), f"row {i} padding"
+
+
+@pytest.mark.parametrize("use_retrieval", [True, False])
+@pytest.mark.parametrize("max_new_tokens", [None, 2 * C - 1])
+def test_ragged_batch_equals_one_prompt_at_a_time_greedy(use_retrieval, max_new_tokens):
+    """Issue 19 item 9: prompts of different lengths in one call; each row (retrieving at its own
+    chunk boundaries, through the KV cache) is exactly what generating it alone gives."""
+    model = tiny(max_seq_len=40)
+    prompts = ragged_prompts()
+    prompts[1][3] = 1  # an eos inside a prompt does not stop the row
+    kw = dict(temperature=0.0, num_neighbors=K, eos_id=1, use_retrieval=use_retrieval,
+              max_new_tokens=max_new_tokens)
+    seen = {}
+    batched = generate(model, TableRetriever(), prompts,
+                       on_retrieve=lambda u, chunk, nb: seen.__setitem__(u, (chunk.clone(), nb.clone())), **kw)
+    alone = []
+    for i, p in enumerate(prompts):
+        mine = {}
+        alone.append(generate(model, TableRetriever(), p, **kw,
+                              on_retrieve=lambda u, chunk, nb: mine.__setitem__(u, (chunk, nb))))
+        assert alone[-1].shape[1] > len(p)  # it generated past its prompt (and its eos)
+        if max_new_tokens is not None:
+            assert alone[-1].shape[1] <= len(p) + max_new_tokens
+        # the batch retrieved this row's chunks with this row's tokens, as alone
+        for u, (chunk, nb) in mine.items():
+            assert torch.equal(seen[u][0][i], chunk[0]) and torch.equal(seen[u][1][i], nb[0])
+    assert_rows_equal_alone(batched, alone, model.pad_id)
+    assert bool(seen) == use_retrieval
+
+
+def test_ragged_batch_equals_the_full_recompute_loop_per_row():
+    """No eos, up to max_seq_len: every row equals the uncached full-forward loop on its prompt."""
+    model = tiny(max_seq_len=32)
+    prompts = ragged_prompts([5, 2 * C + 3, C])
+    out = generate(model, TableRetriever(), prompts, temperature=0.0, num_neighbors=K)
+    assert out.shape == (3, 32)
+    for i, p in enumerate(prompts):
+        expected = naive_greedy(model, TableRetriever(), p[None], model.max_seq_len - len(p))
+        assert torch.equal(out[i:i + 1], expected)
+
+
+def test_ragged_batch_with_given_neighbours_and_no_retriever():
+    """`retrieved` (b, n, K, 2C) holds every row's chunks 0..n-1: the batch uses row i's own."""
+    model = tiny(max_seq_len=32)
+    prompts = ragged_prompts([2 * C + 1, 4, C])
+    kw = dict(temperature=0.0, num_neighbors=K, max_new_tokens=C + 2)
+    alone = [generate(model, TableRetriever(), p, **kw) for p in prompts]
+    n = max((a.shape[1] - 1) // C for a in alone)  # every chunk fed in the batch
+    retrieved = torch.zeros(3, n, K, 2 * C, dtype=torch.long)
+    for i, a in enumerate(alone):
+        own = neighbours_for(TableRetriever(), a)[0]
+        retrieved[i, : len(own)] = own[:n]
+    batched = generate(model, None, prompts, retrieved, **kw)
+    assert_rows_equal_alone(batched, alone, model.pad_id)
+    with pytest.raises(ValueError, match="n >= 2"):  # fewer than the longest prompt's 2 chunks
+        generate(model, TableRetriever(), prompts, retrieved[:, :1], **kw)
+
+
+@pytest.mark.parametrize("use_retrieval", [True, False])
+def test_ragged_batch_with_a_generator_per_row_equals_sampling_each_alone(use_retrieval):
+    """With one seeded generator per row, a row draws only when it samples (not while the batch
+    feeds it its prompt), so seeded sampling is exact too."""
+    model = tiny(max_seq_len=40)
+    prompts = ragged_prompts()
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]
+    kw = dict(temperature=1.0, filter_fn=top_k, filter_thres=0.5, num_neighbors=K,
+              use_retrieval=use_retrieval, max_new_tokens=20)
+    batched = generate(model, TableRetriever(), prompts, generator=gens(), **kw)
+    alone = [generate(model, TableRetriever(), p, generator=[g], **kw) for p, g in zip(prompts, gens())]
+    assert_rows_equal_alone(batched, alone, model.pad_id)
+    other = generate(model, TableRetriever(), prompts,
+                     generator=[torch.Generator().manual_seed(7 + i) for i in range(5)], **kw)
+    assert not torch.equal(other, batched)  # the seeds matter: it does sample
+    with pytest.raises(ValueError, match="one per row"):
+        generate(model, TableRetriever(), prompts, generator=gens()[:2], **kw)
+
+
+def test_list_of_equal_prompts_equals_the_tensor_call():
+    model = tiny(max_seq_len=32)
+    prompt = torch.randint(1, V, (3, 6), generator=torch.Generator().manual_seed(2))
+    kw = dict(temperature=0.0, num_neighbors=K, max_new_tokens=12)
+    expected = generate(model, TableRetriever(), prompt, **kw)
+    assert torch.equal(generate(model, TableRetriever(), list(prompt), **kw), expected)
+    assert torch.equal(generate(model, TableRetriever(), prompt.tolist(), **kw), expected)
+    assert torch.equal(generate(model, TableRetriever(), prompt[0].tolist(), **kw), expected[:1])
+    ragged = [[5, 6, 7], [8]]
+    assert torch.equal(generate(model, None, ragged, max_new_tokens=0),
+                       torch.tensor([[5, 6, 7], [8, model.pad_id, model.pad_id]]))
+
+
+def test_ragged_prompts_bad_input_is_refused_clearly():
+    model = tiny(max_seq_len=32)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, TableRetriever(), [[3, 4], [], [5]])
+    with pytest.raises(ValueError, match="prompt 2 has 32 tokens; max_seq_len=32"):
+        generate(model, TableRetriever(), [[3], [4, 5], list(range(1, 33))])
+    with pytest.raises(ValueError, match="empty list"):
+        generate(model, TableRetriever(), [])
+    with pytest.raises(ValueError, match="mixes"):
+        generate(model, TableRetriever(), [[3, 4], 5])
+    with pytest.raises(ValueError, match="flat sequence"):
+        generate(model, TableRetriever(), [[3, 4], [[5, 6]]])
+
+
 # -- end to end with the real faiss Retriever ---------------------------------------------------------
 
 
@@ -276,6 +394,30 @@ def test_generation_retrieves_exactly_as_training_neighbours_were_made(small_dat
     for u, neighbours in seen.items():
         expected = neighbour_tokens(chunks, np.asarray(knn[u])[None], doc_ids=doc_ids, pad_id=0)[0]
         assert torch.equal(neighbours, torch.from_numpy(expected))
+
+
+def test_ragged_prompts_with_the_real_retriever_equal_each_alone(small_database):
+    """Database documents' chunks as prompts of different lengths, each row excluding its own
+    document: the batch retrieves per row what each prompt alone retrieves, and generates it."""
+    from diablogpt_pytorch.retrieval import Retriever
+
+    paths, chunks, doc_ids, knn = small_database
+    retriever = Retriever(paths["chunks"], paths["doc_ids"])
+    ids = np.asarray(chunks[:, :C], dtype=np.int64).reshape(-1)
+    starts = [0, 3 * C + 2, 7 * C + 1]
+    prompts = [torch.from_numpy(ids[s:s + n]) for s, n in zip(starts, (2 * C + 3, 5, C))]
+    exclude = [[int(doc_ids[s // C])] for s in starts]
+    model = tiny(num_tokens=30522, max_seq_len=4 * C)
+    kw = dict(temperature=0.0, num_neighbors=K)
+    seen = {}
+    out = generate(model, retriever, prompts, exclude_doc_ids=exclude, **kw,
+                   on_retrieve=lambda u, chunk, nb: seen.__setitem__(u, nb.clone()))
+    for i, prompt in enumerate(prompts):
+        mine = {}
+        alone = generate(model, retriever, prompt, exclude_doc_ids=exclude[i:i + 1], **kw,
+                         on_retrieve=lambda u, chunk, nb: mine.__setitem__(u, nb[0]))
+        assert torch.equal(out[i:i + 1], alone)
+        assert sorted(mine) == list(range(3)) and all(torch.equal(seen[u][i], mine[u]) for u in mine)
 
 
 def test_generation_needs_only_a_checkpoint_the_index_and_the_chunks(small_database, tmp_path):

@@ -187,6 +187,19 @@ def test_greedy_generate_equals_the_full_forward(base_path):
     assert torch.equal(full[:, 4:].argmax(-1), out[:, 5:])
 
 
+def test_ragged_prompts_generate_as_each_prompt_alone(base_path):
+    """Issue 19 item 9 through the base's own KV cache: prompts of different lengths in one call."""
+    model = _activate(retrofit(base_path, **NEW, max_seq_len=32)).eval()
+    _, retrieved = _inputs(n=32)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, V, (n,), generator=g) for n in (3, C + 2)]
+    out = generate(model, start=prompts, retrieved=retrieved, temperature=0.0, num_neighbors=K)
+    for i, prompt in enumerate(prompts):
+        alone = generate(model, start=prompt, retrieved=retrieved[i:i + 1], temperature=0.0,
+                         num_neighbors=K)
+        assert torch.equal(out[i:i + 1], alone)
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 
 
