@@ -34,6 +34,7 @@ setup(
         "safetensors",
         "huggingface_hub",
     ],
+    entry_points={"console_scripts": ["diablogpt=diablogpt_pytorch.cli:main"]},
     extras_require={
         "test": ["pytest>=7", "matplotlib"],
         "plot": ["matplotlib"],
