@@ -6,7 +6,8 @@
     diablogpt generate --model runs/main/model --db runs/main/db --prompt "A list is"
     diablogpt neighbours --db runs/main/db --chunk 12
 
-Every command reads an optional TOML file (``--config``) whose sections mirror the Python API:
+Every command reads an optional config file (``--config``: TOML, or YAML when the name ends in
+``.yaml``/``.yml`` and PyYAML is installed) whose sections mirror the Python API:
 ``[model]`` (``DIABLOGPT``'s arguments, plus ``preset``), ``[database]`` (``TrainingWrapper``'s
 database arguments), ``[train]``, ``[eval]``, ``[generate]``, ``[neighbours]``. A command-line flag
 overrides the file, which overrides the defaults. ``diablogpt <command> --help`` lists the flags,
@@ -149,6 +150,15 @@ COMMANDS = {
 }
 
 
+def _command_fields(command: str, section: str) -> dict[str, Field]:
+    """The keys of ``section`` that ``command`` reads: eval, generate and neighbours read a built
+    database, so of [database] only its folder (the file's other keys are for build-db/train)."""
+    fields = SECTIONS[section]()
+    if section == "database" and command in ("eval", "generate", "neighbours"):
+        return {"folder": fields["folder"]}
+    return fields
+
+
 def _flag(key: str, field: Field) -> str:
     return field.flag or "--" + key.replace("_", "-")
 
@@ -193,13 +203,7 @@ def _parse(kind: str, value: Any, where: str) -> Any:
         raise CLIError(f"{where}: {value!r} is not a valid {kind.split(':')[0]} value") from None
 
 
-def read_config(path: Optional[os.PathLike]) -> dict[str, dict[str, Any]]:
-    """A TOML config file as ``{section: {key: value}}``, every section and key checked."""
-    if path is None:
-        return {}
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"config file {str(path)!r} does not exist")
+def _load_toml(path: Path) -> Any:
     try:
         import tomllib
     except ImportError:  # Python < 3.11
@@ -208,9 +212,36 @@ def read_config(path: Optional[os.PathLike]) -> dict[str, dict[str, Any]]:
         except ImportError:
             raise CLIError("reading a TOML config needs Python 3.11+ or pip install tomli") from None
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise CLIError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise CLIError(f"config file {str(path)!r} is YAML, which needs PyYAML: pip install pyyaml "
+                       "(or pip install 'diablogpt-pytorch[yaml]'), or write it as TOML") from None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise CLIError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    return {} if data is None else data
+
+
+def read_config(path: Optional[os.PathLike]) -> dict[str, dict[str, Any]]:
+    """A config file as ``{section: {key: value}}``, every section and key checked: TOML, or
+    YAML (``.yaml``/``.yml``, with PyYAML installed) with the same sections and keys."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"config file {str(path)!r} does not exist")
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
+    data = _load_yaml(path) if yaml_file else _load_toml(path)
+    if not isinstance(data, dict):
+        raise CLIError(f"config file {str(path)!r} must map section names to tables of keys")
     config = {}
     for section, values in data.items():
         if section not in SECTIONS:
@@ -231,17 +262,19 @@ def read_config(path: Optional[os.PathLike]) -> dict[str, dict[str, Any]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diablogpt", description="DIABLOGPT (RETRO) from the command line. Each command "
-        "reads an optional TOML --config whose [sections] mirror the Python API; flags override it.")
+        "reads an optional --config file (TOML, or YAML) whose [sections] mirror the Python API; flags "
+        "override it.")
     parser.add_argument("--version", action="version",
                         version=f"%(prog)s {__import__('diablogpt_pytorch').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
     for command, (sections, description) in COMMANDS.items():
         p = sub.add_parser(command, help=description, description=description)
-        p.add_argument("--config", type=Path, default=None, help="TOML config file")
+        p.add_argument("--config", type=Path, default=None,
+                       help="config file: TOML, or YAML (.yaml/.yml, needs PyYAML)")
         p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
         for section in sections:
             group = p.add_argument_group(f"[{section}]")
-            for key, field in SECTIONS[section]().items():
+            for key, field in _command_fields(command, section).items():
                 flag = _flag(key, field)
                 default = f" (default {field.default})" if field.default not in (None, "") else ""
                 if field.kind == "bool":
@@ -262,9 +295,9 @@ def resolve(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from_file = read_config(args.config)
     config = {}
     for section in sections:
-        fields = SECTIONS[section]()
+        fields = _command_fields(args.command, section)
         values = {key: field.default for key, field in fields.items()}
-        values.update(from_file.get(section, {}))
+        values.update({k: v for k, v in from_file.get(section, {}).items() if k in fields})
         for key, field in fields.items():
             flag_value = getattr(args, f"{section}.{key}", None)
             if flag_value is not None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diablogpt_pytorch import DIABLOGPT
-from diablogpt_pytorch.cli import build_parser, resolve, run
+from diablogpt_pytorch.cli import CLIError, build_parser, resolve, run
 from diablogpt_pytorch.corpus import default_corpus_documents
 
 CONFIG = """
@@ -150,6 +150,25 @@ def test_config_file_and_flag_precedence(tmp_path):
     assert cfg["train"]["bf16"] is False and cfg["model"]["dec_dim"] == 96
     cfg = resolve(parse(["train", "--dec-cross-attn-layers", "1,2"]))
     assert cfg["model"]["dec_cross_attn_layers"] == [1, 2] and cfg["train"]["steps"] == 150
+    assert (cfg["database"]["tokenizer"], cfg["database"]["tokenizer_vocab_size"]) == ("train", 4096)
+    cfg = resolve(parse(["train", "--tokenizer", "bert", "--vocab-size", "512"]))
+    assert (cfg["database"]["tokenizer"], cfg["database"]["tokenizer_vocab_size"]) == ("bert", 512)
+    # one file serves every command: eval reads of [database] only the folder
+    config.write_text('[database]\nfolder = "x/db"\nknn = 3\n[eval]\nbatch_size = 2\n')
+    cfg = resolve(parse(["eval", "--config", str(config)]))
+    assert cfg["database"] == {"folder": "x/db"} and cfg["eval"]["batch_size"] == 2
+
+
+def test_yaml_config(tmp_path):
+    pytest.importorskip("yaml", reason="YAML configs need PyYAML (pip install pyyaml)")
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  steps: 7\n  lr: 0.5\nmodel:\n  dec_cross_attn_layers: [1, 2]\n")
+    cfg = resolve(build_parser().parse_args(["train", "--config", str(config), "--steps", "3"]))
+    assert cfg["train"]["steps"] == 3 and cfg["train"]["lr"] == 0.5
+    assert cfg["model"]["dec_cross_attn_layers"] == [1, 2]
+    config.write_text("train:\n  stpes: 3\n")
+    with pytest.raises(CLIError, match="\\[train\\] has no key 'stpes'"):
+        resolve(build_parser().parse_args(["train", "--config", str(config)]))
 
 
 def test_clear_errors(trained, tmp_path, capsys):
