@@ -86,7 +86,7 @@ DATABASE = {
 }
 
 TRAIN = {
-    "out": Field("runs/main", "path", "folder for checkpoint.pt, model/, metrics.jsonl, tensorboard/"),
+    "out": Field("runs/main", "path", "folder for checkpoint.pt, model/ and metrics.jsonl"),
     "steps": Field(150, "int", "optimizer steps in all"),
     "batch_size": Field(4, "int", "sequences per micro-batch"),
     "grad_accum": Field(1, "int", "micro-batches per optimizer step"),
@@ -101,8 +101,9 @@ TRAIN = {
                         "retrieval (0: only at the end)"),
     "eval_batches": Field(None, "int", "batches per evaluation (default: the whole held-out split)"),
     "checkpoint_every": Field(50, "int", "steps between checkpoints (0: only at the end)"),
-    "tensorboard": Field(False, "bool", "also log to TensorBoard (<out>/tensorboard; needs "
-                         "pip install tensorboard)"),
+    "tensorboard": Field(None, "path", "also log the metrics as TensorBoard event files in this "
+                         "folder (needs pip install tensorboard; without it a warning says so)",
+                         flag="--tensorboard"),
     "resume": Field(False, "bool", "continue from <out>/checkpoint.pt"),
 }
 
@@ -432,39 +433,6 @@ def _matched_model(cfg: dict[str, Any], section: str, device):
     return db, model
 
 
-class MetricsLogger:
-    """Scalars to ``<out>/metrics.jsonl`` (one JSON object per record) and, when asked, to
-    TensorBoard under ``<out>/tensorboard``. On resume, records after ``start_step`` are dropped."""
-
-    def __init__(self, out: Path, tensorboard: bool, start_step: int = 0):
-        self.path = out / "metrics.jsonl"
-        kept = []
-        if start_step and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise CLIError("--tensorboard needs TensorBoard: pip install tensorboard (or "
-                               "pip install 'diablogpt-pytorch[tensorboard]'); metrics.jsonl "
-                               "is written either way") from None
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step or None)
-
-    def log(self, step: int, **scalars: float) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
-        if self.writer is not None:
-            for name, value in scalars.items():
-                self.writer.add_scalar(name, value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 # ----------------------------------------------------------------------------- commands
 
 
@@ -489,6 +457,7 @@ def cmd_train(cfg: dict[str, Any]) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from diablogpt_pytorch import DIABLOGPT
+    from diablogpt_pytorch.tracking import MetricsLogger
     from diablogpt_pytorch.training import StepBatchSampler, lr_schedule
 
     t = cfg["train"]
@@ -512,7 +481,7 @@ def cmd_train(cfg: dict[str, Any]) -> dict[str, Any]:
                            "train without --resume)") from err
         logger.info("resumed from %s at step %d", checkpoint, start_step)
     steps, accum, batch_size = t["steps"], t["grad_accum"], t["batch_size"]
-    metrics = MetricsLogger(out, t["tensorboard"], start_step)
+    metrics = MetricsLogger(out / "metrics.jsonl", t["tensorboard"], start_step)
     sampler = StepBatchSampler(len(wrapper.train_ds), batch_size, seed=t["seed"],
                                start_step=start_step * accum)
     batches = iter(wrapper.get_dataloader(batch_sampler=sampler, num_workers=0))
@@ -531,9 +500,10 @@ def cmd_train(cfg: dict[str, Any]) -> dict[str, Any]:
         model.train()
 
     model.train()
-    window_loss, window_steps, window_start = 0.0, 0, time.time()
+    window_loss, window_steps, window_seconds = 0.0, 0, 0.0
     bar = tqdm(range(start_step, steps), desc="training", initial=start_step, total=steps)
     for step in bar:
+        step_started = time.time()
         lr = lr_schedule(step, steps, t["lr"], t["warmup"])
         for group in optim.param_groups:
             group["lr"] = lr
@@ -547,21 +517,20 @@ def cmd_train(cfg: dict[str, Any]) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         optim.zero_grad(set_to_none=True)
+        window_seconds += time.time() - step_started  # evaluation and checkpoints left out
         if not math.isfinite(step_loss):
             raise CLIError(f"the loss is {step_loss} at step {step + 1}: lower --lr")
         bar.set_postfix(loss=f"{step_loss:.3f}")
         window_loss, window_steps, done = window_loss + step_loss, window_steps + 1, step + 1
         if done % t["log_every"] == 0 or done == steps:
-            seconds = max(time.time() - window_start, 1e-9)
             metrics.log(done, **{"train/loss": window_loss / window_steps, "train/lr": lr,
-                                 "train/tokens_per_s": window_steps * tokens_per_step / seconds})
-            window_loss, window_steps = 0.0, 0
+                                 "train/tokens_per_s": window_steps * tokens_per_step
+                                 / max(window_seconds, 1e-9)})
+            window_loss, window_steps, window_seconds = 0.0, 0, 0.0
         if (t["eval_every"] and done % t["eval_every"] == 0) or done == steps:
             evaluate(done)
         if (t["checkpoint_every"] and done % t["checkpoint_every"] == 0) or done == steps:
             wrapper.save_checkpoint(checkpoint, optim, step=done)
-        if window_steps == 0:
-            window_start = time.time()  # evaluation and checkpoints do not count as training
     metrics.close()
     model.save_pretrained(out / "model")
     result = {"steps": steps, "resumed_from": start_step, "checkpoint": str(checkpoint),

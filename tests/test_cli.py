@@ -74,7 +74,8 @@ def trained(tmp_path_factory):
     config = root / "tiny.toml"
     config.write_text(CONFIG.format(root=root.as_posix()))
     built = run(["build-db", "--config", str(config), "-q"])
-    result = run(["train", "--config", str(config), "-q"])
+    # --tensorboard: without TensorBoard installed a warning says so and training goes on
+    result = run(["train", "--config", str(config), "-q", "--tensorboard", str(root / "tb")])
     return root, config, built, result
 
 
@@ -129,14 +130,26 @@ def test_eval_generate_neighbours(trained, capsys):
 
 
 def test_tensorboard_and_resume(trained):
-    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorboard", reason="TensorBoard is not installed: pip install tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     root, config, *_ = trained
     result = run(["train", "--config", str(config), "-q", "--resume", "--steps", "6",
-                  "--tensorboard"])
+                  "--tensorboard", str(root / "tb")])
     assert result["resumed_from"] == 4
     records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6]
-    assert list((root / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(root / "tb"))
+    events.Reload()
+    tags = {"train/loss", "train/lr", "train/tokens_per_s", "held_out/with_retrieval",
+            "held_out/without_retrieval"}
+    assert tags <= set(events.Tags()["scalars"])
+    for tag in tags:  # the first run's records and the resumed run's, none twice
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == [2, 4, 6], tag
+        assert all(s.value > 0 for s in scalars), tag
+        assert [s.value for s in scalars] == pytest.approx(
+            [r[tag] for r in records if tag in r], rel=1e-6), tag
 
 
 def test_config_file_and_flag_precedence(tmp_path):
