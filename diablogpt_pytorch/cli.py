@@ -559,7 +559,10 @@ def cmd_eval(cfg: dict[str, Any]) -> dict[str, Any]:
     result["retrieval_gain"] = 1 - (result["with_retrieval"]["loss"]
                                     / result["without_retrieval"]["loss"])
     if e["output"]:
-        Path(e["output"]).write_text(json.dumps(result, indent=2))
+        from diablogpt_pytorch._io import atomic_path
+
+        with atomic_path(Path(e["output"])) as tmp:  # complete or absent
+            tmp.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return result
 

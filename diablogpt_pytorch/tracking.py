@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+from diablogpt_pytorch._io import atomic_path
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
@@ -34,15 +36,6 @@ PathLike = Union[str, os.PathLike]
 TENSORBOARD_MISSING = ("TensorBoard is not installed, so no event files are written to {dir} "
                        "(pip install tensorboard, or pip install 'diablogpt-pytorch[tensorboard]'; "
                        "the metrics still go to {jsonl})")
-
-
-def tensorboard_available() -> bool:
-    """Whether ``torch.utils.tensorboard`` can be imported (it needs the tensorboard package)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class MetricsLogger:
@@ -65,7 +58,8 @@ class MetricsLogger:
                 for line in self.path.read_text().splitlines():
                     if line.strip() and json.loads(line).get("step", 0) <= start_step:
                         kept.append(line)
-            self.path.write_text("".join(line + "\n" for line in kept))
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
         if tensorboard_dir is not None and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
