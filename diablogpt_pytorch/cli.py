@@ -417,9 +417,11 @@ def _open_database(folder):
     from diablogpt_pytorch.database import Database
 
     try:
-        return Database.open(folder)
-    except FileNotFoundError as err:
+        db = Database.open(folder)
+        db.tokenizer()  # its LM tokenizer is there and unchanged
+    except (FileNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from err
+    return db
 
 
 def _matched_model(cfg: dict[str, Any], section: str, device):

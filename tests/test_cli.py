@@ -2,6 +2,7 @@
 TensorBoard, resume), eval, generate, neighbours; config-file and flag precedence; clear errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,16 @@ def test_clear_errors(trained, tmp_path, capsys):
               chunk_size=8).save_pretrained(tmp_path / "other")
     err = _errors(["generate", "--config", str(config), "--model", str(tmp_path / "other")], capsys)
     assert "does not match the database" in err and "chunk_size 8 != the database's 16" in err
+    # the database folder moves as a whole (its trained tokenizer inside); a changed tokenizer
+    # file is refused
+    shutil.copytree(root / "db", tmp_path / "moved_db")
+    args = ["generate", "--config", str(config), "-q", "--prompt", "a list is"]
+    assert run(args + ["--db", str(tmp_path / "moved_db")]) == run(args)
+    capsys.readouterr()
+    tok = tmp_path / "moved_db" / "train.chunks.tokenizer.json"
+    tok.write_text(json.dumps(json.loads(tok.read_text()), indent=3))  # same tokens, other bytes
+    err = _errors(args + ["--db", str(tmp_path / "moved_db")], capsys)
+    assert "differs from the one the database" in err and "rebuild the database" in err
     err = _errors(["train", "--config", str(config), "--resume", "--dec-dim", "32"], capsys)
     assert "different config" in err and "dec_dim" in err
 
