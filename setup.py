@@ -33,10 +33,17 @@ setup(
         # model folders: config.json + model.safetensors, loadable from the Hub
         "safetensors",
         "huggingface_hub",
+        # the diablogpt command line's TOML config files (tomllib is in Python 3.11+)
+        "tomli; python_version < '3.11'",
     ],
+    entry_points={"console_scripts": ["diablogpt=diablogpt_pytorch.cli:main"]},
     extras_require={
-        "test": ["pytest>=7", "matplotlib"],
+        "test": ["pytest>=7", "matplotlib", "tensorboard", "pyyaml"],
         "plot": ["matplotlib"],
+        # training logs for TensorBoard (--tensorboard DIR)
+        "tensorboard": ["tensorboard"],
+        # YAML config files for the diablogpt command line (TOML needs nothing)
+        "yaml": ["pyyaml"],
     },
     classifiers=[
         "Development Status :: 3 - Alpha",

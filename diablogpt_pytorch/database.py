@@ -1,7 +1,8 @@
 """The database manifest: one JSON file that says what a retrieval database folder holds.
 
 ``TrainingWrapper`` writes ``database.json`` beside its training chunks memmap once the database
-is built (rewritten only when its content changes). It records the embedder and tokenizer, chunk
+is built (rewritten only when its content changes). It records the embedder and the LM tokenizer
+(its kind, fingerprint, ids and file: a trained one lies in the folder), chunk
 size, sequence length and K, the counts of each split, and every file: its path (relative to the
 manifest's folder when inside it, so the folder can be moved), what it is and its size, and the
 build id of its provenance sidecar. With it, a model folder (``DIABLOGPT.save_pretrained``) plus a
@@ -47,12 +48,17 @@ DESCRIPTIONS = {
 }
 
 
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when inside it (so the folder can be moved), else absolute."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
 def _entry(path: Path, root: Path, what: str) -> dict[str, Any]:
     path = Path(path)
-    try:
-        shown = path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        shown = str(path.resolve())
+    shown = _relative(path, root)
     meta = read_meta(path) or {}
     return {"path": shown, "what": DESCRIPTIONS[what], "bytes": path.stat().st_size,
             "build": meta.get("build")}
@@ -82,14 +88,21 @@ def write_manifest(wrapper, built: dict[str, Any]) -> Path:
         splits[split] = {"counts": {k: stats[k] for k in ("chunks", "docs", "seqs")},
                          "files": files}
     tok = wrapper.tokenizer
+    tok_file = getattr(tok, "path", None)  # the tokenizer's file or folder (none for 'bert')
+    valid_bytes = (wrapper._decoded_num_bytes(wrapper.valid_paths, built["valid"][0])
+                   if "valid" in built else None)
     manifest = {
         "format": FORMAT, "version": VERSION,
         "embedder": wrapper.embedder, "embedder_identity": emb.embedder_identity(wrapper.embedder),
-        "tokenizer": {"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "eos_id": tok.eos_id},
+        "tokenizer": {"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "eos_id": tok.eos_id,
+                      "kind": tok.kind, "fingerprint": tok.fingerprint(),
+                      "path": None if tok_file is None else _relative(Path(tok_file), root)},
         "chunk_size": wrapper.chunk_size, "seq_len": wrapper.seq_len, "knn": wrapper.knn,
         "documents": {"source": str(wrapper.documents_path.resolve()), "glob": wrapper.glob,
                       "train": len(wrapper.train_documents),
-                      "valid": len(wrapper.valid_documents)},
+                      "valid": len(wrapper.valid_documents),
+                      # UTF-8 bytes the held-out tokens decode to (for bits per byte)
+                      "valid_bytes": valid_bytes},
         "splits": splits,
     }
     path = root / MANIFEST_NAME
@@ -105,7 +118,8 @@ class Database:
     """A retrieval database folder opened from its manifest (see the module docstring).
 
     Attributes: ``folder``, ``manifest`` (the JSON), ``embedder``, ``chunk_size``, ``seq_len``,
-    ``knn``, ``pad_id``, ``eos_id``, ``vocab_size``, ``num_chunks`` (training chunks).
+    ``knn``, ``pad_id``, ``eos_id``, ``vocab_size``, ``num_chunks`` (training chunks); the LM
+    tokenizer is :meth:`tokenizer`.
     """
 
     def __init__(self, folder: Path, manifest: dict[str, Any]):
@@ -166,6 +180,25 @@ class Database:
         """``{'chunks', 'docs', 'seqs'}`` of ``split``."""
         return dict(self.manifest["splits"][split]["counts"])
 
+    def dataset(self, split: str = "valid"):
+        """A :class:`~diablogpt_pytorch.data.DIABLOGPTDataset` over ``split`` ('train' or
+        'valid'; held-out neighbours are ids into the training chunks)."""
+        from diablogpt_pytorch.data import DIABLOGPTDataset
+
+        if split not in self.manifest["splits"]:
+            raise ValueError(f"the database {str(self.folder)!r} has no {split} split (it has "
+                             f"{sorted(self.manifest['splits'])}): build it with valid_fraction > 0")
+        counts, train = self.counts(split), split == "train"
+        return DIABLOGPTDataset(
+            num_sequences=counts["seqs"], num_chunks=counts["chunks"], num_neighbors=self.knn,
+            chunk_size=self.chunk_size, seq_len=self.seq_len,
+            chunk_memmap_path=self.path("chunks", split), chunk_nn_memmap_path=self.path("knn", split),
+            seq_memmap_path=self.path("seqs", split), doc_ids_memmap_path=self.path("doc_ids", split),
+            eos_id=self.eos_id, pad_id=self.pad_id,
+            db_chunk_memmap_path=None if train else self.path("chunks"),
+            db_num_chunks=None if train else self.num_chunks,
+            db_doc_ids_memmap_path=None if train else self.path("doc_ids"))
+
     def check_model(self, model, what: str = "the model") -> None:
         """Raise a clear ValueError when ``model`` cannot read this database's tokens."""
         problems = []
@@ -181,12 +214,40 @@ class Database:
                              + "; ".join(problems) + " (use the model trained on this database, "
                              "or build a database with its chunk size and embedder)")
 
+    def tokenizer(self):
+        """The LM tokenizer the database's chunks were made with (an
+        :class:`~diablogpt_pytorch.tokenizer.LMTokenizer`), checked against its recorded
+        fingerprint."""
+        if getattr(self, "_tokenizer", None) is not None:
+            return self._tokenizer
+        from diablogpt_pytorch.tokenizer import load_tokenizer
+
+        rec = self.manifest["tokenizer"]
+        spec = "bert"
+        if rec.get("path"):
+            spec = Path(rec["path"])
+            spec = spec if spec.is_absolute() else self.folder / spec
+            if not spec.exists():
+                raise FileNotFoundError(
+                    f"the database's LM tokenizer {str(spec)!r} listed in {MANIFEST_NAME} is "
+                    "missing: copy it back (a trained one lives in the database folder) or "
+                    "rebuild the database")
+        tok = load_tokenizer(spec, embedder=self.embedder)
+        if rec.get("fingerprint") not in (None, tok.fingerprint()):
+            raise ValueError(f"the LM tokenizer {str(spec)!r} differs from the one the database "
+                             f"{str(self.folder)!r} was built with (its content changed): restore "
+                             "it or rebuild the database")
+        self._tokenizer = tok
+        return tok
+
     def retriever(self, device="cpu", faiss_gpu: bool = False):
-        """A :class:`~diablogpt_pytorch.retrieval.Retriever` over the training chunks."""
+        """A :class:`~diablogpt_pytorch.retrieval.Retriever` over the training chunks (queries
+        read with :meth:`tokenizer`)."""
         from diablogpt_pytorch.retrieval import Retriever
 
         return Retriever(self.path("chunks"), self.path("doc_ids"), self.path("index"),
-                         embedder=self.embedder, device=device, faiss_gpu=faiss_gpu)
+                         embedder=self.embedder, device=device, faiss_gpu=faiss_gpu,
+                         tokenizer=self.tokenizer())
 
     def generation_kwargs(self) -> dict[str, Any]:
         """``num_neighbors``, ``eos_id`` and ``pad_id`` for ``generation.generate``."""

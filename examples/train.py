@@ -13,7 +13,10 @@ Without --docs it writes the default corpus (Python's own documentation topics, 
 builds (or reuses) the retrieval database with the offline default embedder,
 trains with a progress bar showing the loss, evaluates on the held-out documents with retrieval
 and with retrieval switched off, writes <out>/loss.png, <out>/metrics.json and
-<out>/checkpoint.pt, and prints a sample generated with retrieval.
+<out>/checkpoint.pt (also every --checkpoint-every N steps), and prints a sample generated with
+retrieval. Along training it records the loss, learning rate and tokens/s (every --log-every
+steps) and the held-out losses in <out>/metrics.jsonl and, with --tensorboard DIR, as
+TensorBoard event files in DIR.
 
 Under torchrun every rank runs this script: rank 0 writes the corpus and builds the database while
 the others wait, each rank trains on its own share of every batch (--batch-size is per rank) with
@@ -42,6 +45,7 @@ from diablogpt_pytorch import DIABLOGPT, TrainingWrapper, distributed
 from diablogpt_pytorch.config import CPU, SEED
 from diablogpt_pytorch.corpus import write_default_corpus
 from diablogpt_pytorch.tokenizer import TRAINED_PAD_ID, load_tokenizer
+from diablogpt_pytorch.tracking import MetricsLogger
 from diablogpt_pytorch.training import StepBatchSampler, lr_schedule
 
 
@@ -72,6 +76,13 @@ parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of 
                     "tokenizer (default 4096; README 'Tokenizer' says why)")
 parser.add_argument("--evals", type=int, default=4, help="held-out evaluations (with and without "
                     "retrieval) spread evenly over training, the last at the end (default 4)")
+parser.add_argument("--log-every", type=int, default=10, help="steps between records of the "
+                    "training loss, learning rate and tokens/s in <out>/metrics.jsonl (default 10)")
+parser.add_argument("--tensorboard", default=None, metavar="DIR", help="also write those records "
+                    "and the held-out losses as TensorBoard event files in DIR (needs "
+                    "pip install tensorboard)")
+parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="also save "
+                    "<out>/checkpoint.pt every N steps (default 0: only at the end)")
 args = parser.parse_args()
 
 started = time.time()
@@ -152,19 +163,29 @@ eval_steps = sorted({max(1, round(steps * (i + 1) / max(1, args.evals))) for i i
                     | {steps})
 
 
+# rank 0 records loss, lr and tokens/s every --log-every steps and the held-out losses at each
+# evaluation (<out>/metrics.jsonl, and TensorBoard with --tensorboard)
+tracker = MetricsLogger(out / "metrics.jsonl", args.tensorboard, start_step, enabled=main_rank)
+tokens_per_step = batch_size * args.grad_accum * dist_info.world_size * config["max_seq_len"]
+
+
 def held_out(step):
     """Held-out loss with and without retrieval (same weights), split across ranks."""
     metrics = wrapper.evaluate(batch_size=batch_size, progress=False)
     curve.append(dict(step=step, with_retrieval=metrics["with_retrieval"]["loss"],
                       without_retrieval=metrics["without_retrieval"]["loss"]))
+    tracker.log(step, **{"held_out/with_retrieval": curve[-1]["with_retrieval"],
+                         "held_out/without_retrieval": curve[-1]["without_retrieval"]})
     return metrics
 
 
 diablo_gpt.train()
 train_started = time.time()
+window_steps, window_seconds = 0, 0.0  # training time since the last record
 bar = tqdm(range(start_step, steps), desc="training", initial=start_step, total=steps,
            disable=not main_rank)
 for step in bar:
+    step_started = time.time()
     for group in optim.param_groups:
         group["lr"] = lr_schedule(step, steps, args.lr)
     step_loss = 0.0
@@ -183,6 +204,18 @@ for step in bar:
     optim.zero_grad(set_to_none=True)
     losses.append(step_loss)  # this rank's share of the batch (rank 0's is shown and plotted)
     bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    window_steps, window_seconds = window_steps + 1, window_seconds + time.time() - step_started
+    if (step + 1) % args.log_every == 0 or step + 1 == steps:
+        tracker.log(step + 1, **{"train/loss": sum(losses[-window_steps:]) / window_steps,
+                                 "train/lr": optim.param_groups[0]["lr"],
+                                 "train/tokens_per_s": window_steps * tokens_per_step
+                                 / max(window_seconds, 1e-9)})
+        window_steps, window_seconds = 0, 0.0
+    if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < steps:
+        checkpoint_started = time.time()
+        wrapper.save_checkpoint(checkpoint_path, optim, step=step + 1,
+                                extra={"losses": losses, "curve": curve})
+        train_started += time.time() - checkpoint_started  # tokens/s counts training alone
     if step + 1 in eval_steps and step + 1 < steps:
         eval_started = time.time()
         held_out(step + 1)
@@ -199,6 +232,7 @@ tokens_per_second = ((steps - start_step) * batch_size * args.grad_accum * world
 metrics = held_out(steps)
 with_r, without_r = metrics["with_retrieval"], metrics["without_retrieval"]
 wrapper.save_checkpoint(checkpoint_path, optim, step=steps, extra={"losses": losses, "curve": curve})
+tracker.close()
 if not main_rank:  # rank 0 alone plots, samples and reports
     distributed.cleanup()
     raise SystemExit(0)
