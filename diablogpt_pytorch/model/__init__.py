@@ -14,12 +14,13 @@ importable from ``diablogpt_pytorch.model`` before it became a package still are
 """
 
 from diablogpt_pytorch.kernels import lm_head_loss
-from diablogpt_pytorch.kernels.feed_forward import _GeluDropoutLinear
-from diablogpt_pytorch.kernels.lm_head import _LMHeadLoss
-from diablogpt_pytorch.kernels.norm import _RMSNormFunction, _RMSNormLinear
-from diablogpt_pytorch.kernels.rotary import _Rotation
-from diablogpt_pytorch.kernels.window_attention import _WindowAttention
-from diablogpt_pytorch.kernels.window_attention import attention as _attention
+# the kernels' autograd Functions, importable from here as before the split
+from diablogpt_pytorch.kernels.feed_forward import _GeluDropoutLinear  # noqa: F401
+from diablogpt_pytorch.kernels.lm_head import _LMHeadLoss  # noqa: F401
+from diablogpt_pytorch.kernels.norm import _RMSNormFunction, _RMSNormLinear  # noqa: F401
+from diablogpt_pytorch.kernels.rotary import _Rotation  # noqa: F401
+from diablogpt_pytorch.kernels.window_attention import _WindowAttention  # noqa: F401
+from diablogpt_pytorch.kernels.window_attention import attention as _attention  # noqa: F401
 from diablogpt_pytorch.model.attention import CrossAttention, SelfAttention
 from diablogpt_pytorch.model.block import Block, Residual, deepnet_constants
 from diablogpt_pytorch.model.cache import DecodeCache

@@ -282,7 +282,7 @@ class DIABLOGPT(PretrainedMixin, nn.Module):
 
     def _cca(self, layer_id: int) -> Residual:
         """The chunked cross-attention sub-layer of decoder layer ``layer_id`` (0-based)."""
-        return self.layers[layer_id][1]
+        return self.layers[layer_id].cca
 
     def _check_retrieved(self, retrieved: Optional[Tensor], b: int, chunks: int, exact: bool) -> Tensor:
         C = self.chunk_size
