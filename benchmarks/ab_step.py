@@ -1,11 +1,12 @@
 """A/B of two revisions of the library: training steps of each in one process, alternating.
 
-    python benchmarks/ab_step.py --old 264438b [--new REV] [--dtype bf16] [--rounds 6]
+    python benchmarks/ab_step.py --old 264438b [--new REV] [--dtype bf16] [--rounds 6] [--preset seed|cpu]
 
 Extracts the whole ``diablogpt_pytorch`` package as it is at git revision ``--old`` (and at
 ``--new``, by default the working tree) into a temporary folder with ``git archive``, imports
 each in turn under the name ``diablogpt_pytorch`` (then removes it from ``sys.modules``, so the
-next import finds the other; the loaded classes keep working), builds the seed-config model of
+next import finds the other; the loaded classes keep working), builds the seed-config model
+(``--preset cpu``: the small CPU preset of :mod:`diablogpt_pytorch.config`, without dropout) of
 each from the same seed, and times forward + backward + fused AdamW on the same batch (as
 ``compare_reference.py`` does), alternating which goes first each round after one warm-up step
 each. It prints both sets of step times, their medians, the median of the per-round ratios
@@ -35,7 +36,11 @@ sys.path.insert(0, str(REPO))
 from _worker import make_batch, make_optimizer, train_step  # noqa: E402
 from compare_reference import SEED_ARCHITECTURE  # noqa: E402
 
+from diablogpt_pytorch.config import CPU  # noqa: E402
+
 SEED_CONFIG = dict(num_tokens=30522, max_seq_len=2048, **SEED_ARCHITECTURE)
+# the CPU preset without its dropout (so that the two versions' losses can match)
+CPU_CONFIG = CPU.replace(dec_attn_dropout=0.0, dec_ff_dropout=0.0).model_kwargs()
 
 
 def _forget_package() -> dict:
@@ -69,16 +74,18 @@ def main() -> None:
     p.add_argument("--new", default=None, help="git revision to compare (default: the working tree)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--preset", choices=("seed", "cpu"), default="seed")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"old": load_model_class(args.old, Path(tmp)), "new": load_model_class(args.new, Path(tmp))}
 
-    seq, retrieved = make_batch(SEED_CONFIG, batch=1, k=2, seed=1)  # compare_reference's batch
+    config = SEED_CONFIG if args.preset == "seed" else CPU_CONFIG
+    seq, retrieved = make_batch(config, batch=1, k=2, seed=1)  # compare_reference's batch
     runs = {}
     for name, model_class in versions.items():
         torch.manual_seed(0)
-        model = model_class(**SEED_CONFIG).train()
+        model = model_class(**config).train()
         runs[name] = (model, make_optimizer("ours", model))
 
     def step(model, opt) -> float:
@@ -94,7 +101,8 @@ def main() -> None:
             t0 = time.perf_counter()
             losses[name].append(step(*runs[name]))
             times[name].append(time.perf_counter() - t0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, old = {args.old}, "
+        print(f"round {r + 1}: old {times['old'][-1]:.3f} s, new {times['new'][-1]:.3f} s", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, {args.preset} preset, old = {args.old}, "
           f"new = {args.new or 'working tree'}")
     for name in runs:
         print(f"{name}: steps {[round(t, 2) for t in times[name]]} s, median {statistics.median(times[name]):.3f} s; "
