@@ -2,7 +2,7 @@
 
     python benchmarks/bench_attention.py [--reps 5] [--inputs fp32]
 
-Why ``model._attention`` sends the short non-causal windows to ``_WindowAttention`` under bf16
+Why ``kernels.attention`` sends the short non-causal windows to ``_WindowAttention`` under bf16
 autocast on CPU, and leaves the long causal decoder attention on torch's flash attention. For each
 shape (the seed config's: batch 1, seq 2048, C = 64, K = 2, 8 heads of 64) it times, in one
 process and alternating, forward + backward of:
@@ -10,13 +10,13 @@ process and alternating, forward + backward of:
 - ``sdpa bf16``: ``F.scaled_dot_product_attention`` (torch's CPU flash kernel) in bf16;
 - ``sdpa fp32``: the same in float32, with the casts from and back to the bf16 projections (the
   route this library took before ``_WindowAttention``);
-- ``window bf16``: ``model._WindowAttention`` (matmul probabilities, fused softmax and softmax
+- ``window bf16``: ``kernels.window_attention._WindowAttention`` (matmul probabilities, fused softmax and softmax
   backward).
 
 Inputs come out of a projection (views of one qkv/kv tensor) and grads go back through the
 (b, n, h*d) layout, as in the model. Figures are milliseconds per call, the median over ``--reps``
 rounds after two warm-up calls. ``--inputs fp32`` times float32 training instead (``sdpa fp32``
-against ``window fp32``), the case ``model._attention`` leaves on SDPA.
+against ``window fp32``), the case ``kernels.attention`` leaves on SDPA.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diablogpt_pytorch.model import _WindowAttention  # noqa: E402
+from diablogpt_pytorch.kernels.window_attention import _WindowAttention  # noqa: E402
 
 from _timing import alternating_median_ms  # noqa: E402
 

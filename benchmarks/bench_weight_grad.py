@@ -2,7 +2,7 @@
 
     python benchmarks/bench_weight_grad.py [--reps 7]
 
-Why ``model._weight_grad`` copies the transposed gradient into a contiguous tensor first in bf16
+Why ``kernels._common._weight_grad`` copies the transposed gradient into a contiguous tensor first in bf16
 when the layer's input is at least twice as wide as its output: g is (N, out), x is (N, in), and the
 contraction runs over the N tokens, so one operand is always transposed. For each shape and dtype
 it times, in one process and alternating, ``g.t() @ x`` against ``g.t().contiguous() @ x`` (the

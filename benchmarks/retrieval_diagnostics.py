@@ -22,15 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from diablogpt_pytorch import model as model_module
+from diablogpt_pytorch import kernels
 
 
 @contextmanager
 def _capture_cca(model) -> list:
     """Record every decoder CCA layer's attention probabilities (b*w, h, C, 1 + K*2C) while active."""
     captured: list = []
-    original_attention = model_module._attention
-    original_cca = model._chunked_cross_attention
+    original_attention = kernels.attention  # the layers look it up on the package at each call
     inside = {"cca": False}
 
     def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
@@ -42,20 +41,24 @@ def _capture_cca(model) -> list:
         return original_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                   is_causal=is_causal)
 
-    def cca(*args, **kwargs):
+    def enter(*_):
         inside["cca"] = True
-        try:
-            return original_cca(*args, **kwargs)
-        finally:
-            inside["cca"] = False
 
-    model_module._attention = attention
-    model._chunked_cross_attention = cca
+    def leave(*_):
+        inside["cca"] = False
+
+    handles = []
+    for layer_id in model.cca_layer_ids:  # the ChunkedCrossAttention modules
+        cca = model._cca(layer_id).fn
+        handles += [cca.register_forward_pre_hook(enter), cca.register_forward_hook(leave)]
+    kernels.attention = attention
     try:
         yield captured
     finally:
-        model_module._attention = original_attention
-        del model._chunked_cross_attention
+        kernels.attention = original_attention
+        inside["cca"] = False
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Training sequences and their retrieved neighbours, read from the memmapped database.
 
-Files (DESIGN.md §3), all int32 and opened read-only:
+Files, all int32 and opened read-only:
 
     chunks   (num_chunks, C+1)  chunk j's C tokens + the first token of chunk j+1
     knn      (num_chunks, K)    neighbour chunk ids, -1 where there is none

@@ -1,4 +1,4 @@
-"""The frozen BERT that embeds chunks for retrieval, and its tokenizer (DESIGN.md §6).
+"""The frozen BERT that embeds chunks for retrieval, and its tokenizer.
 
 One name selects the embedding model and its tokenizer (which is also the language model's
 tokenizer by default; an LM tokenizer of its own is :mod:`diablogpt_pytorch.tokenizer`'s):
@@ -13,7 +13,7 @@ tokenizer by default; an LM tokenizer of its own is :mod:`diablogpt_pytorch.toke
   Pass ``allow_download=True`` (or set ``DIABLOGPT_ALLOW_DOWNLOAD=1``) to let it download once.
 
 :func:`embed_chunks` is THE chunk formatting, used both when the database is indexed and when a
-chunk is looked up at training or generation time (DESIGN.md §4 item 6): pad and eos ids are
+chunk is looked up at training or generation time: pad and eos ids are
 stripped, the remaining tokens are wrapped in ``[CLS] ... [SEP]`` (with another LM tokenizer: the
 chunk is decoded to text and that text tokenized by the embedder), and the last hidden states are
 mean-pooled over the real tokens (or the ``[CLS]`` vector is taken).

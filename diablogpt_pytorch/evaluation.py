@@ -19,7 +19,6 @@ For a dataset of sequences ``seq`` (seq_len + 1 tokens) the evaluated tokens are
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from typing import Any, Optional, Union
 
@@ -27,8 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-
-logger = logging.getLogger(__name__)
 
 
 def autocast_context(device: Union[str, torch.device], bf16: bool):

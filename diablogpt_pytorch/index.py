@@ -1,4 +1,4 @@
-"""faiss index over chunk embeddings, and neighbour search with exclusions (DESIGN.md §4 item 7).
+"""faiss index over chunk embeddings, and neighbour search with exclusions.
 
 Vectors are L2-normalised float32 chunk embeddings, so the metric is the inner product (= cosine
 similarity): larger scores are closer. A database whose flat index fits ``max_index_memory_usage``

@@ -1,4 +1,4 @@
-"""Turning neighbour chunk ids into the tokens the model attends to (DESIGN.md §3, §4 item 8).
+"""Turning neighbour chunk ids into the tokens the model attends to.
 
 Shared by training (``DIABLOGPTDataset``) and generation (the retriever), so that a neighbour is
 formatted identically in both. numpy only: no torch, faiss or transformers import.

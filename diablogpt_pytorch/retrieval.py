@@ -9,7 +9,7 @@ Public functions (the seed's names; extra keyword arguments are ours):
 - :func:`query_chunks_to_knn_`: neighbours in the database for chunks of other documents.
 - :class:`Retriever`: generation-time lookup, built from the files on disk alone.
 
-File formats (DESIGN.md §3): for ``train.chunks.dat`` with chunk size C,
+File formats: for ``train.chunks.dat`` with chunk size C,
 
 - ``train.chunks.dat``   int32 (num_chunks, C+1) raw memmap: a chunk's C tokens + the first token
   of the next chunk in the global token stream (pad for the last chunk);

@@ -14,7 +14,7 @@ The result, :class:`RetroFitted`, keeps the :class:`~diablogpt_pytorch.DIABLOGPT
   token ids, logits (b, n, vocab);
 - the same causality and retrieval-causality rules (the neighbours of chunk u reach positions
   ``>= (u+1)C - 1`` only), since CCA, the encoder and their chunk alignment are DIABLOGPT's own
-  code (its ``_plan_call``, ``_encode_new_chunks`` and ``_chunked_cross_attention``);
+  code (its ``_plan_call`` and ``_encode_new_chunks``, and :class:`~diablogpt_pytorch.model.ChunkedCrossAttention`);
 - ``init_cache``/``decode`` for :func:`diablogpt_pytorch.generation.generate` (the base model's
   own key/value cache plus DIABLOGPT's cache of the CCA keys/values of completed chunks), whose
   logits equal the full forward's;
@@ -53,8 +53,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from diablogpt_pytorch.model import (DIABLOGPT, CrossAttention, DecodeCache, Encoder, Residual, Rotary,
-                                     lm_head_loss)
+from diablogpt_pytorch.model import DIABLOGPT, ChunkedCrossAttention, DecodeCache, Encoder, Residual, lm_head_loss
 
 logger = logging.getLogger(__name__)
 
@@ -215,10 +214,9 @@ class RetroFitted(nn.Module):
         self.to_enc = nn.Linear(dim, enc_dim, bias=False) if enc_dim != dim else nn.Identity()
         self.encoder = Encoder(enc_dim, enc_depth, dim, heads, dim_head, enc_attn_dropout,
                                enc_ff_dropout, enc_cross_attn_layers, False, None)
-        self.rotary = Rotary(dim_head)
         self.cca = nn.ModuleDict({
-            str(layer_id): Residual(dim, CrossAttention(dim, enc_dim, heads, dim_head, cca_dropout,
-                                                        null_kv=True), False, None)
+            str(layer_id): Residual(dim, ChunkedCrossAttention(dim, enc_dim, heads, dim_head, cca_dropout,
+                                                               int(chunk_size)), False, None)
             for layer_id in self.cca_layer_ids
         })
         for block in self.cca.values():  # zero output: the base model's logits at initialisation
@@ -238,11 +236,10 @@ class RetroFitted(nn.Module):
                     "(%s)", base, depth, layers, sum(p.numel() for p in self.new_parameters()),
                     sum(p.numel() for p in self.base.parameters()), "frozen" if self.frozen else "trained")
 
-    # DIABLOGPT's chunk alignment, encoder call and CCA, used as they are (see the module doc)
+    # DIABLOGPT's call planning and encoder call, used as they are (see the module doc)
     _plan_call = DIABLOGPT._plan_call
     _check_retrieved = DIABLOGPT._check_retrieved
     _encode_new_chunks = DIABLOGPT._encode_new_chunks
-    _chunked_cross_attention = DIABLOGPT._chunked_cross_attention
 
     def _cca(self, layer_id: int) -> Residual:
         """The CCA sub-layer after block ``layer_id`` (0-based)."""
@@ -363,8 +360,7 @@ class RetroFitted(nn.Module):
             x = output[0] if isinstance(output, tuple) else output
             if layer_id == self.cca_layer_ids[0]:
                 call.cca_state = self._encode_new_chunks(x, call.retrieved, call.new_chunks, call.cache)
-            cca = self._cca(layer_id)
-            x = cca.post(x, self._chunked_cross_attention(cca, cca_index, x, call.start, call.cca_state))
+            x = self._cca(layer_id)(x, call.start, call.cca_state, cca_index)
             return (x, *output[1:]) if isinstance(output, tuple) else x
 
         return after_block

@@ -1,6 +1,6 @@
 """TrainingWrapper: a folder of text documents -> the retrieval database -> batches for DIABLOGPT.
 
-Pipeline (DESIGN.md §5): the documents matching ``glob`` under ``documents_path`` are split
+Pipeline: the documents matching ``glob`` under ``documents_path`` are split
 deterministically into a training part and a held-out part (by a hash of each document's path
 relative to the folder, so the split does not depend on listing order). Training documents become
 the chunks/seqs/doc_ids memmaps, their embeddings, a faiss index and the knn memmap; held-out

@@ -168,7 +168,7 @@ def draw_data(ax, db):
 
 
 def draw_model(ax, data):
-    panel(ax, 97, 35, 82, 76, "3  Model  DIABLOGPT  (model.py)", DEC, DEC_EDGE)
+    panel(ax, 97, 35, 82, 76, "3  Model  DIABLOGPT  (model/)", DEC, DEC_EDGE)
 
     # ---- decoder column
     dx, dw = 99.5, 34.5

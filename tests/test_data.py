@@ -1,4 +1,4 @@
-"""DIABLOGPTDataset: items are exactly what the memmaps say (DESIGN.md §3, §4 item 8), and
+"""DIABLOGPTDataset: items are exactly what the memmaps say, and
 reading never changes a file."""
 
 import hashlib

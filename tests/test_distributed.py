@@ -1,4 +1,4 @@
-"""Past one process (DESIGN.md §7): DDP training steps, rank-0-first preparation, metric
+"""Past one process: DDP training steps, rank-0-first preparation, metric
 reduction and failure handling, on CPU with the gloo backend and two processes.
 
 Each multi-process test starts this file as a script in 2 processes with the variables torchrun

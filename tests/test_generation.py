@@ -1,4 +1,4 @@
-"""Generation (DESIGN.md §4 items 9-10): cached decoding is exact, retrieval happens when a chunk
+"""Generation: cached decoding is exact, retrieval happens when a chunk
 completes, lengths, per-row EOS, filters. Model-level tests use a deterministic table retriever
 (neighbours are a fixed function of the chunk's tokens); the end-to-end test uses the real
 faiss-backed Retriever on a small real-text database."""

@@ -1,6 +1,6 @@
 """The model's hand-written autograd functions against torch's own differentiation.
 
-Each function saves less than autograd would and computes its backward by hand (model.py); these
+Each function saves less than autograd would and computes its backward by hand (diablogpt_pytorch/kernels/); these
 tests check those backwards numerically (``torch.autograd.gradcheck`` in float64) and against the
 plain composite formula in the dtypes training uses."""
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import diablogpt_pytorch.model as model_module
+import diablogpt_pytorch.kernels.lm_head as lm_head_module
+import diablogpt_pytorch.kernels.norm as norm_module
 
 from diablogpt_pytorch.model import (DIABLOGPT, RMSNorm, Rotary, _attention, _GeluDropoutLinear, _LMHeadLoss,
                                      _RMSNormFunction, _RMSNormLinear, _WindowAttention, apply_rotary, norm_linear)
@@ -21,8 +22,8 @@ def rms_norm_reference(x, gain, eps):
 
 @pytest.fixture(params=["large-input path", "small-input path"])
 def norm_path(request, monkeypatch):
-    """Run a norm test through both forward implementations (model._rms_norm_forward picks by size)."""
-    monkeypatch.setattr(model_module, "_SMALL_NORM_INPUT", 0 if request.param == "large-input path" else 1 << 30)
+    """Run a norm test through both forward implementations (kernels.norm._rms_norm_forward picks by size)."""
+    monkeypatch.setattr(norm_module, "_SMALL_NORM_INPUT", 0 if request.param == "large-input path" else 1 << 30)
     return request.param
 
 
@@ -185,7 +186,7 @@ def test_lm_head_loss_passes_gradcheck_and_ignores_padding(chunk):
 
 @pytest.mark.parametrize("group_rows", [2048, 8])
 def test_lm_head_loss_without_grads_gives_the_same_loss_in_bf16(group_rows, monkeypatch):
-    monkeypatch.setattr(model_module, "_LM_HEAD_GROUP_ROWS", group_rows)  # 8: three row groups
+    monkeypatch.setattr(lm_head_module, "_LM_HEAD_GROUP_ROWS", group_rows)  # 8: three row groups
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(20, 8, generator=g).requires_grad_()
     weight = torch.randn(13, 8, generator=g).requires_grad_()

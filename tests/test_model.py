@@ -1,4 +1,4 @@
-"""DIABLOGPT model invariants (DESIGN.md §4 items 1-5), on tiny CPU configs."""
+"""DIABLOGPT model invariants, on tiny CPU configs."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""text_folder_to_chunks_: file format (DESIGN.md §3), caches (§5) and bad input (§5).
+"""text_folder_to_chunks_: file format, caches and bad input.
 
 Only the tokenizer is loaded here (no BERT forward), so these run in a few seconds.
 """

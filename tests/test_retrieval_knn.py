@@ -1,4 +1,4 @@
-"""Embeddings, faiss index and neighbours (DESIGN.md §4 items 6-8, §5, §6).
+"""Embeddings, faiss index and neighbours.
 
 The end-to-end tests embed a small real-text corpus (Python's own pydoc topics) with the real
 offline default embedder, so neighbours are compared with a brute-force exact search.
