@@ -141,3 +141,43 @@ def gradient_norms(model, seq: torch.Tensor, retrieved: torch.Tensor,
         parts[part] += p.grad.float().pow(2).sum().item()
     model.zero_grad(set_to_none=True)
     return {k: v ** 0.5 for k, v in parts.items()}
+
+
+@torch.no_grad()
+def branch_scales(model, seq: torch.Tensor, retrieved: torch.Tensor,
+                  autocast: Optional[Callable] = None) -> dict:
+    """Root-mean-square size of what each part adds to the decoder's residual stream on one
+    batch (eval mode): the token embedding, and per decoder layer its self-attention, chunked
+    cross-attention and feed-forward branches (``out - in`` of each residual sub-layer).
+
+    At initialisation this shows how loud retrieval is next to the tokens: a CCA branch much
+    larger than the embedding means the stream the LM head reads is mostly neighbour noise until
+    the model learns to quiet it."""
+    ctx = autocast or nullcontext
+    sizes: dict = {}
+    handles = []
+
+    def rms(t: torch.Tensor) -> float:
+        return t.float().pow(2).mean().sqrt().item()
+
+    def record(name):
+        def hook(_module, inputs, output):
+            sizes[name] = rms(output - inputs[0])
+        return hook
+
+    sizes["embedding"] = rms(model.token_emb(seq[:, :-1]))
+    for i, block in enumerate(model.layers):
+        for part in ("attn", "cca", "ff"):
+            sub = getattr(block, part)
+            if sub is not None:
+                handles.append(sub.register_forward_hook(record(f"layer{i + 1}.{part}")))
+    was_training = model.training
+    model.eval()
+    try:
+        with ctx():
+            model(seq[:, :-1], retrieved)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return sizes

@@ -49,7 +49,7 @@ from diablogpt_pytorch.training import StepBatchSampler, lr_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # noqa: E402
-from retrieval_diagnostics import diagnose, gradient_norms  # noqa: E402
+from retrieval_diagnostics import branch_scales, diagnose, gradient_norms  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("retrieval_gain")
@@ -152,7 +152,8 @@ def train_run(wrapper: TrainingWrapper, model: DIABLOGPT, *, retrieval: bool, st
             seq, retrieved = wrapper.train_ds[0]
             records[-1].update(
                 diagnose(model, wrapper.valid_ds, autocast=wrapper.autocast),
-                grad_norms=gradient_norms(model, seq[None], retrieved[None], wrapper.autocast))
+                grad_norms=gradient_norms(model, seq[None], retrieved[None], wrapper.autocast),
+                branch_rms=branch_scales(model, seq[None], retrieved[None], wrapper.autocast))
         logger.info("step %d: held-out %.3f with retrieval, %.3f without (train %.3f, %.0fs)",
                     step, records[-1]["with_retrieval"], records[-1]["without_retrieval"],
                     train_loss, seconds)

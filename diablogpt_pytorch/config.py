@@ -38,6 +38,7 @@ class DIABLOGPTConfig:
     use_deepnet: bool = False
     gated_rmsnorm: bool = False
     zero_init_residual: bool = True
+    token_emb_init_std: float = 1.0
 
     def model_kwargs(self) -> dict[str, Any]:
         """The keyword arguments for ``DIABLOGPT(**kwargs)``."""

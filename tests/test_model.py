@@ -255,6 +255,18 @@ def test_default_init_zeroes_the_decoder_residual_branches_but_not_retrieval():
     assert not torch.allclose(plain(seq, None), plain.to_logits(plain.final_norm(plain.token_emb(seq))))
 
 
+def test_token_embedding_starts_at_the_requested_scale():
+    """Unit scale by default (so the random chunked cross-attention output, about 0.3 RMS, does
+    not drown the tokens); the argument sets it, and a non-positive one is refused."""
+    torch.manual_seed(0)
+    kw = dict(num_tokens=4000, max_seq_len=64, enc_dim=32, enc_depth=1, dec_dim=64, dec_depth=2,
+              dec_cross_attn_layers=(2,), heads=2, dim_head=16, chunk_size=C)
+    assert abs(DIABLOGPT(**kw).token_emb.weight.std().item() - 1.0) < 0.02
+    assert abs(DIABLOGPT(**kw, token_emb_init_std=0.02).token_emb.weight.std().item() - 0.02) < 0.001
+    with pytest.raises(ValueError, match="token_emb_init_std"):
+        DIABLOGPT(**kw, token_emb_init_std=0.0)
+
+
 def test_config_rebuilds_the_same_architecture():
     model = tiny(gated_rmsnorm=True, enc_cross_attn_layers=(1,))
     clone = DIABLOGPT(**model.config)
