@@ -45,7 +45,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch

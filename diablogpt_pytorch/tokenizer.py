@@ -30,7 +30,6 @@ tokenized as text, never as the special id.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path

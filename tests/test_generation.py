@@ -3,7 +3,6 @@ completes, lengths, per-row EOS, filters. Model-level tests use a deterministic 
 (neighbours are a fixed function of the chunk's tokens); the end-to-end test uses the real
 faiss-backed Retriever on a small real-text database."""
 
-import math
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ with the real offline embedder and faiss: database build and reuse, REPROCESS, c
 training, held-out evaluation with and without retrieval, checkpoints."""
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
