@@ -38,7 +38,7 @@ setup(
     ],
     entry_points={"console_scripts": ["diablogpt=diablogpt_pytorch.cli:main"]},
     extras_require={
-        "test": ["pytest>=7", "matplotlib", "tensorboard", "pyyaml"],
+        "test": ["pytest>=7", "matplotlib", "tensorboard", "pyyaml", "datasets"],
         "plot": ["matplotlib"],
         # training logs for TensorBoard (--tensorboard DIR)
         "tensorboard": ["tensorboard"],
