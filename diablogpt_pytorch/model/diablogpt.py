@@ -71,7 +71,7 @@ class DIABLOGPT(PretrainedMixin, nn.Module):
             embedding is all the decoder's stream holds at the start besides the chunked
             cross-attention's output (root-mean-square about 0.3 at random init); at GPT-2's 0.02
             that output drowns the tokens fifteen-fold. Measured by
-            ``benchmarks/retrieval_gain.py`` (same init seed and data order, 400 steps): 0.02
+            ``benchmarks/retrieval_ablation.py`` (same init seed and data order, 400 steps): 0.02
             / 0.3 / 1.0 gave held-out loss with retrieval on the natural corpus 0.5% worse / 0.7%
             worse / 0.5% better than the same model trained without retrieval, and on the
             near-duplicate corpus 39.7% / 44.5% / 44.6% below the same weights without retrieval.
