@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -31,6 +33,16 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
 # Sections other scripts own (retrieval_gain.py), kept whole when compare_reference rewrites the
 # rest of BENCHMARKS.md: "<!-- section: NAME -->" ... "<!-- end section: NAME -->".
 _SECTION = re.compile(r"<!-- section: (\S+) -->\n.*?<!-- end section: \1 -->\n", re.S)
+
+
+def run_identity(repo: Path) -> tuple[str, str]:
+    """(short commit of ``repo``'s HEAD, the CPU's model name) recorded with every result."""
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                if line.startswith("Model name")), platform.processor())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo,
+                            capture_output=True, text=True).stdout.strip()
+    return commit, cpu
 
 
 def _kept_sections(md_path: Path) -> str:

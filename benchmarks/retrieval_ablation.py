@@ -24,8 +24,6 @@ import argparse
 import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,20 +38,11 @@ from diablogpt_pytorch.model import ChunkedCrossAttention
 from diablogpt_pytorch.training import StepBatchSampler, get_optimizer, lr_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402
 from retrieval_gain import CORPORA, build_wrapper, make_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("retrieval_ablation")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -99,10 +88,9 @@ def main() -> None:
 
     variant = {k: getattr(args, k) for k in ("emb_std", "random_residual", "cca_out_scale",
                                              "cca_layers", "no_retrieval", "lr", "wd")}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit, cpu = _report.run_identity(REPO)
     record = dict(variant=variant, corpus=args.corpus, steps=args.steps, schedule=schedule,
-                  commit=commit, cpu=_cpu_name(), when=time.strftime("%Y-%m-%d"), evals=[])
+                  commit=commit, cpu=cpu, when=time.strftime("%Y-%m-%d"), evals=[])
     torch.manual_seed(1)
     model.train()
     started = time.time()

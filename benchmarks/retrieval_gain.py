@@ -31,8 +31,6 @@ import argparse
 import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import textwrap
 import time
@@ -301,11 +299,7 @@ def main() -> None:
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = [run_corpus(name, work, args) for name in args.corpora.split(",")]
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                if line.startswith("Model name")), platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip()
+    commit, cpu = _report.run_identity(REPO)
     payload = dict(commit=commit, cpu=cpu, steps=args.steps, batch_size=args.batch_size,
                    lr=args.lr, wd=args.wd, bf16=not args.no_bf16, results=results)
     for r in results:

@@ -33,8 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -219,11 +217,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results = [run_corpus(name, work, args) for name in args.corpora.split(",")]
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                if line.startswith("Model name")), platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip()
+    commit, cpu = _report.run_identity(REPO)
     payload = dict(commit=commit, cpu=cpu, when=time.strftime("%Y-%m-%d", time.gmtime()),
                    pretrain_steps=args.pretrain_steps, retrofit_steps=args.retrofit_steps,
                    scratch_steps=args.scratch_steps, batch_size=args.batch_size, lr=args.lr,
