@@ -1,4 +1,4 @@
-"""The README's "Datasets" example: DIABLOGPTDataset over mock memmaps, one forward/backward.
+"""The "Datasets" example of docs/training.md: DIABLOGPTDataset over mock memmaps, one forward/backward.
 
 Runs on CPU with a small model (the seed's config on CUDA with --seed-config). The mock files go
 to a temporary folder (or --out).
