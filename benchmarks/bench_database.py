@@ -14,6 +14,20 @@ modules (one document per topic / module), written to a temporary folder.
 
     python benchmarks/bench_database.py                # ~2 MB of text, full database
     python benchmarks/bench_database.py --mb 1 --subset 1024 --threads 2
+
+``--scale``: the build's growth with the corpus. Databases of 1x, 4x and 16x a base size of the
+standard library's own sources (``.py`` files under ``sysconfig``'s stdlib) and the pydoc topics,
+one document per file, in a seeded random order (each size holds the smaller ones). Every stage
+(chunking, embedding, exact and approximate index, neighbours) runs in its own process; each
+reports its wall time, per-chunk cost and peak memory (``VmHWM`` and a sampled peak of anonymous
+memory, from ``/proc/self/status``). The embedding stage embeds every chunk up to
+``--embed-full-max`` chunks; above that it embeds a random sample of ``--embed-sample`` chunks
+(the per-chunk cost is measured on it) and the index and neighbour stages use the largest fully
+embedded size's real vectors tiled with small noise (said so in the output). Results go to
+``benchmarks/results/bench_database_scale.json`` and a BENCHMARKS.md section.
+
+    python benchmarks/bench_database.py --scale --factors 1,4,16 --workdir /tmp/dbscale
+    python benchmarks/bench_database.py --scale --factors 16 --workdir /tmp/dbscale   # one size
 """
 
 from __future__ import annotations
@@ -23,10 +37,12 @@ import ast
 import json
 import logging
 import os
+import re
 import sysconfig
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -135,7 +151,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--workdir", default=None, help="where to build (default: a temp folder)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    scale = parser.add_argument_group("--scale: growth with the corpus")
+    scale.add_argument("--scale", action="store_true", help="measure 1x/4x/16x databases")
+    scale.add_argument("--factors", default="1,4,16", help="corpus sizes, multiples of --base-mb")
+    scale.add_argument("--base-mb", type=float, default=1.0, help="megabytes of source text at 1x")
+    scale.add_argument("--embed-full-max", type=int, default=25_000,
+                       help="embed every chunk up to this many chunks, a sample above")
+    scale.add_argument("--embed-sample", type=int, default=3000, help="chunks embedded above that")
+    scale.add_argument("--approx", default=";".join(APPROX_INDEXES),
+                       help="approximate indexes, ';'-separated faiss factory strings ({nlist} is "
+                            "filled in)")
+    scale.add_argument("--queries", type=int, default=2000, help="queries for recall@K")
+    scale.add_argument("--out", default=str(SCALE_JSON),
+                       help="results JSON (merged per size); the BENCHMARKS.md section is written "
+                            "only for the default")
+    scale.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.stage:
+        return _stage_main(args.stage)
+    if args.scale:
+        return scale_main(args)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,6 +256,425 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     if args.json:
         write_atomically(Path(args.json), lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+
+
+# ----------------------------------------------------------------------------- --scale
+
+REPO = Path(__file__).resolve().parent.parent
+SCALE_JSON = REPO / "benchmarks" / "results" / "bench_database_scale.json"
+STAGES = ("chunking", "embedding", "index", "neighbours")
+#: approximate indexes measured (faiss factory strings; "{nlist}" = 4 * sqrt(N) inverted lists)
+APPROX_INDEXES = ("HNSW32", "IVF{nlist}_HNSW32,PQ48np")
+#: search settings for the approximate indexes (faiss ParameterSpace syntax)
+SEARCH_PARAMS = "efSearch=64,nprobe=32"
+TILE_NOISE = 0.02  # per-dimension std of the noise added to tiled embeddings (then renormalised)
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class _PeakAnon:
+    """Samples RssAnon every 10 ms in a thread: the peak of anonymous memory (VmHWM also counts
+    the file pages of memmaps the stage reads, which the kernel can drop)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = _status_kb("RssAnon"), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _status_kb("RssAnon"))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _status_kb("RssAnon"))
+
+
+def build_approximate_index(embeddings: np.ndarray, emb_path: Path, index_path: Path, spec: str):
+    """The approximate index ``spec`` (a faiss factory string) over ``embeddings``, trained on a
+    random sample of at most 64 x 1024 rows (IVF needs ~40-256 per list, PQ 256 per code), added in
+    batches, saved atomically. The one place to switch to the library's own factory-string
+    indexes (``index.build_index(..., index=spec)``) once they exist."""
+    import faiss
+
+    from diablogpt_pytorch._io import atomic_path
+
+    num, dim = embeddings.shape
+    index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        rows = np.sort(np.random.default_rng(0).choice(num, min(num, 64 * 1024), replace=False))
+        index.train(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
+    for start in range(0, num, 65536):
+        index.add(np.ascontiguousarray(embeddings[start:start + 65536], dtype=np.float32))
+    with atomic_path(index_path) as tmp:
+        faiss.write_index(index, str(tmp))
+    return index
+
+
+def _load_index(path: str, params: Optional[str]):
+    import faiss
+
+    index = idx.read_index(path)
+    if params:
+        space = faiss.ParameterSpace()
+        for item in params.split(","):  # set only what this index has (efSearch, nprobe)
+            name, value = item.split("=")
+            try:
+                space.set_index_parameter(index, name, float(value))
+            except RuntimeError:
+                pass
+    return index
+
+
+def _stage(name: str, a: dict) -> dict:
+    """One stage's work (in a fresh process); returns its figures (seconds = the work alone)."""
+    out: dict = {}
+    if name == "chunking":
+        emb.get_tokenizer()
+        start = time.perf_counter()
+        stats = retrieval.text_folder_to_chunks_(
+            a["docs"], "*", a["chunks"], a["seqs"], a["doc_ids"], chunk_size=a["chunk_size"],
+            seq_len=a["seq_len"], max_chunks=10**9, max_seqs=10**9, force_reprocess=True)
+        out.update(seconds=time.perf_counter() - start, **{k: stats[k] for k in ("chunks", "docs", "seqs")})
+    elif name == "embedding":
+        chunks = retrieval.open_chunks(a["chunks"], a["num_chunks"], a["chunk_size"])
+        if a.get("rows") is not None:  # a random sample, read into memory
+            chunks = np.array(chunks[np.load(a["rows"])])
+        lm = retrieval._lm_tokenizer(None, None)
+        dtype = str(emb.resolve_dtype(None, "cpu")).replace("torch.", "")
+        emb.embed_chunks(torch.from_numpy(np.array(chunks[:64, :-1])), dtype=dtype)  # warm-up
+        start = time.perf_counter()
+        retrieval._embed_memmap(chunks, Path(a["out"]), embedder=None, device="cpu",
+                                use_cls_repr=False, dtype=dtype, batch_size=256, tokenizer=lm)
+        out.update(seconds=time.perf_counter() - start, chunks=len(chunks), dtype=dtype)
+    elif name == "index":
+        embeddings = np.load(a["emb"], mmap_mode="r")
+        start = time.perf_counter()
+        if a["spec"] == "Flat":
+            index = idx.build_index(embeddings, a["emb"], a["out"], exact=True)
+        else:
+            index = build_approximate_index(embeddings, Path(a["emb"]), Path(a["out"]), a["spec"])
+        out.update(seconds=time.perf_counter() - start, chunks=len(embeddings),
+                   index_bytes=Path(a["out"]).stat().st_size, index_type=type(index).__name__)
+    elif name == "neighbours":
+        # the library's own chunks_to_precalculated_knn_, given the index and embeddings built by
+        # the earlier stages (its embed-and-index step is swapped for loading them)
+        index = _load_index(a["index"], a.get("params"))
+        embeddings = np.load(a["emb"], mmap_mode="r")
+        retrieval.chunks_to_index_and_embed = lambda *_, **__: (index, embeddings)
+        start = time.perf_counter()
+        knn_path, _ = retrieval.chunks_to_precalculated_knn_(
+            a["k"], a["num_chunks"], a["chunk_size"], a["chunks"], a["doc_ids"],
+            index_file=a["index"], seqs_memmap_path=a["seqs"], num_seqs=a["num_seqs"],
+            seq_len=a["seq_len"], force_reprocess=True)
+        out.update(seconds=time.perf_counter() - start, chunks=a["num_chunks"],
+                   index_bytes=Path(a["index"]).stat().st_size)
+        os.replace(knn_path, a["out"])
+        knn = np.fromfile(a["out"], dtype=np.int32).reshape(a["num_chunks"], a["k"])
+        out["rows_short_of_neighbours"] = int((knn < 0).any(1).sum())
+    elif name == "recall":
+        embeddings = np.load(a["emb"], mmap_mode="r")
+        rows = np.sort(np.random.default_rng(1).choice(len(embeddings), min(a["queries"], len(embeddings)),
+                                                       replace=False))
+        queries = np.ascontiguousarray(embeddings[rows], dtype=np.float32)
+        k = a["k"]
+        _, truth = _load_index(a["exact"], None).search(queries, k)
+        index = _load_index(a["index"], a.get("params"))
+        start = time.perf_counter()
+        _, got = index.search(queries, k)
+        out["query_ms"] = 1000 * (time.perf_counter() - start) / len(queries)
+        out[f"recall@{k}"] = float(np.mean([len(set(t) & set(g)) / k for t, g in zip(truth, got)]))
+        out["queries"] = len(queries)
+        # the neighbour files (other-document neighbours, after exclusions): exact ids found
+        exact = np.fromfile(a["knn_exact"], dtype=np.int32).reshape(-1, k)
+        approx = np.fromfile(a["knn_approx"], dtype=np.int32).reshape(-1, k)
+        found = (exact[:, :, None] == approx[:, None, :]).any(-1) & (exact >= 0)
+        out[f"knn_file_recall@{k}"] = float(found.sum() / max(1, (exact >= 0).sum()))
+    else:
+        raise ValueError(f"unknown stage {name!r}")
+    return out
+
+
+def _stage_main(name: str) -> None:
+    """Child process: read the stage's arguments (JSON) from stdin, print its figures (JSON)."""
+    import sys
+
+    logging.basicConfig(level=logging.WARNING)
+    a = json.loads(sys.stdin.read())
+    before = {"rss_kb": _status_kb("VmRSS"), "anon_kb": _status_kb("RssAnon")}
+    with _PeakAnon() as peak:
+        out = _stage(name, a)
+    out.update(peak_rss_MB=_status_kb("VmHWM") / 1024, peak_anon_MB=peak.peak / 1024,
+               # the process at the start of the stage (interpreter, torch, numpy, faiss)
+               start_rss_MB=before["rss_kb"] / 1024, start_anon_MB=before["anon_kb"] / 1024)
+    print(json.dumps(out))
+
+
+def _run_stage(name: str, **a) -> dict:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join(
+               [str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--stage", name], input=json.dumps(a),
+                          capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"stage {name} failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["process_s"] = time.perf_counter() - t0
+    logging.getLogger("bench").warning("%s %s: %s", name, a.get("spec", ""), {
+        k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()})
+    return out
+
+
+def corpus_files(workdir: Path) -> list[Path]:
+    """The scale corpus: the pydoc topics (written once into ``workdir/topics``) and the stdlib's
+    ``.py`` files (site-packages excluded), in a seeded random order."""
+    import random
+
+    from pydoc_data.topics import topics
+
+    folder = workdir / "topics"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, text in sorted(topics.items()):
+        path = folder / f"{name}.txt"
+        if not path.is_file():
+            path.write_text(text)
+        files.append(path)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files += sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.relative_to(stdlib).parts
+                    and p.is_file())
+    random.Random(0).shuffle(files)
+    return files
+
+
+def _corpus(workdir: Path, factor: int, base_bytes: int) -> tuple[Path, int, int]:
+    """``workdir/x{factor}/docs``: links to the first files of the shuffled corpus, up to
+    ``factor * base_bytes`` bytes (so each size holds the smaller ones)."""
+    docs = workdir / f"x{factor}" / "docs"
+    if docs.exists():
+        for p in docs.iterdir():
+            p.unlink()
+    docs.mkdir(parents=True, exist_ok=True)
+    total = n = 0
+    for i, path in enumerate(corpus_files(workdir)):
+        if total >= factor * base_bytes:
+            break
+        (docs / f"{i:06d}_{path.name}").symlink_to(path)
+        total += path.stat().st_size
+        n += 1
+    return docs, n, total
+
+
+def _tile(source: Path, out: Path, num: int, doc_seed: int = 2) -> None:
+    """``num`` rows: the real embeddings of ``source`` repeated, each copy plus Gaussian noise
+    (std TILE_NOISE per dimension) and renormalised."""
+    src = np.load(source, mmap_mode="r")
+    rng = np.random.default_rng(doc_seed)
+    dst = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(num, src.shape[1]))
+    for start in range(0, num, 16384):
+        stop = min(num, start + 16384)
+        block = np.asarray(src[np.arange(start, stop) % len(src)], dtype=np.float32)
+        block = block + rng.normal(0, TILE_NOISE, block.shape).astype(np.float32)
+        dst[start:stop] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    dst.flush()
+    del dst
+
+
+def scale_one(workdir: Path, factor: int, args) -> dict:
+    """Every stage at ``factor`` x the base size; files under ``workdir/x{factor}``."""
+    here = workdir / f"x{factor}"
+    docs, num_files, nbytes = _corpus(workdir, factor, int(args.base_mb * 2**20))
+    C = args.chunk_size
+    seq_len = 32 * C
+    p = {k: str(here / f"db.{k}.dat") for k in ("chunks", "seqs", "doc_ids")}
+    res: dict = {"factor": factor, "files": num_files, "bytes": nbytes}
+    res["chunking"] = _run_stage("chunking", docs=str(docs), chunk_size=C, seq_len=seq_len,
+                                 chunks=p["chunks"], seqs=p["seqs"], doc_ids=p["doc_ids"])
+    n, num_seqs = res["chunking"]["chunks"], res["chunking"]["seqs"]
+    res.update(chunks=n, docs=res["chunking"]["docs"])
+    emb_path = here / "db.chunks.emb.npy"
+    if n <= args.embed_full_max:
+        res["embedding"] = _run_stage("embedding", chunks=p["chunks"], num_chunks=n, chunk_size=C,
+                                      out=str(emb_path))
+        res["embedding"]["sampled"] = False
+        res["vectors"] = "real: every chunk embedded"
+    else:
+        rows = np.sort(np.random.default_rng(0).choice(n, args.embed_sample, replace=False))
+        np.save(here / "sample_rows.npy", rows)
+        res["embedding"] = _run_stage("embedding", chunks=p["chunks"], num_chunks=n, chunk_size=C,
+                                      rows=str(here / "sample_rows.npy"),
+                                      out=str(here / "sample.emb.npy"))
+        res["embedding"]["sampled"] = True
+        res["embedding"]["chunks_embedded"] = res["embedding"]["chunks"]
+        # the stage's time for all chunks, from the sample's per-chunk cost
+        res["embedding"]["sample_seconds"] = res["embedding"]["seconds"]
+        res["embedding"]["seconds"] *= n / res["embedding"]["chunks"]
+        res["embedding"]["chunks"] = n
+        full = sorted((int(d.name[1:]) for d in workdir.glob("x*")
+                       if d.name[1:].isdigit() and int(d.name[1:]) < factor
+                       and (d / "db.chunks.emb.npy").is_file()
+                       and not (d / "tiled").exists()), reverse=True)
+        if not full:
+            raise RuntimeError(f"x{factor} is sampled: run a fully embedded size first (--factors 4,{factor})")
+        _tile(workdir / f"x{full[0]}" / "db.chunks.emb.npy", emb_path, n)
+        (here / "tiled").write_text(str(full[0]))
+        res["vectors"] = (f"tiled: the {full[0]}x database's real embeddings repeated "
+                          f"{n / np.load(workdir / f'x{full[0]}' / 'db.chunks.emb.npy', mmap_mode='r').shape[0]:.1f} "
+                          f"times, each copy plus N(0, {TILE_NOISE}^2) noise per dimension, renormalised")
+    res["index"], res["neighbours"] = {}, {}
+    specs = ["Flat"] + [s.format(nlist=int(4 * n ** 0.5)) for s in args.approx.split(";") if s]
+    for spec in specs:
+        key = "exact" if spec == "Flat" else re.sub(r"IVF\d+", "IVF", spec)
+        out = here / f"{'exact' if spec == 'Flat' else 'approx' + str(specs.index(spec))}.index"
+        res["index"][key] = _run_stage("index", emb=str(emb_path), out=str(out), spec=spec)
+        res["index"][key]["spec"] = spec
+        res["neighbours"][key] = _run_stage(
+            "neighbours", index=str(out), emb=str(emb_path), params=SEARCH_PARAMS, k=args.knn,
+            num_chunks=n, chunk_size=C, chunks=p["chunks"], doc_ids=p["doc_ids"], seqs=p["seqs"],
+            num_seqs=num_seqs, seq_len=seq_len, out=str(here / f"knn.{out.stem}.dat"))
+        if spec != "Flat":
+            res["index"][key]["recall"] = _run_stage(
+                "recall", emb=str(emb_path), exact=str(here / "exact.index"), index=str(out),
+                params=SEARCH_PARAMS, k=args.knn, queries=args.queries,
+                knn_exact=str(here / "knn.exact.dat"), knn_approx=str(here / f"knn.{out.stem}.dat"))
+    for stage in STAGES:
+        for rec in (res[stage].values() if stage in ("index", "neighbours") else [res[stage]]):
+            rec["ms_per_chunk"] = 1000 * rec["seconds"] / n
+    return res
+
+
+def scale_summary(factors: dict) -> dict:
+    """Per-chunk cost ratios largest/smallest size, memory growth, recall."""
+    sizes = sorted(factors, key=int)
+    lo, hi = factors[sizes[0]], factors[sizes[-1]]
+    summary: dict = {"from": f"{sizes[0]}x", "to": f"{sizes[-1]}x", "per_chunk_ratio": {},
+                     "anon_MB_excluding_index": {}}
+
+    def records(f):
+        yield "chunking", f["chunking"]
+        yield "embedding", f["embedding"]
+        for key, r in f["index"].items():
+            yield f"index {key}", r
+        for key, r in f["neighbours"].items():
+            yield f"neighbours {key}", r
+
+    lo_recs = dict(records(lo))
+    for name, r in records(hi):
+        if name in lo_recs:
+            summary["per_chunk_ratio"][name] = r["ms_per_chunk"] / lo_recs[name]["ms_per_chunk"]
+    for s in sizes:
+        summary["anon_MB_excluding_index"][s] = {
+            name: r["peak_anon_MB"] - r.get("index_bytes", 0) / 2**20 for name, r in records(factors[s])}
+    return summary
+
+
+def scale_markdown(res: dict) -> str:
+    F = res["factors"]
+    sizes = sorted(F, key=int)
+    S = res["summary"]
+    lines = ["## Database build at scale", "",
+             f"`{res['command']}` (commit {res['commit']}, {res['cpu']}, "
+             f"{res['threads']} thread, OMP_NUM_THREADS=1, load average {res['load_average']}; "
+             f"{res['when_utc']}). Corpus: the Python {res['python']} standard library's `.py` "
+             "files and the pydoc topics, one document per file, in a seeded random order; each "
+             "size holds the smaller ones. C = 64, K = 2, every stage in a fresh process (times "
+             "are the stage's work, without imports and model loading).", "",
+             "| size | files | MB | chunks | embedding vectors |", "| --- | --- | --- | --- | --- |"]
+    for s in sizes:
+        f = F[s]
+        emb_note = ("sampled: " + str(f["embedding"]["chunks_embedded"]) + " chunks embedded; "
+                    if f["embedding"].get("sampled") else "") + f["vectors"]
+        lines.append(f"| {s}x | {f['files']} | {f['bytes'] / 2**20:.1f} | {f['chunks']:,} | {emb_note} |")
+    lines += ["", "Per stage: seconds, ms per chunk, peak RSS (`VmHWM`) and peak anonymous memory "
+              "(RssAnon sampled every 10 ms; VmHWM also counts memmap file pages the stage "
+              "touched), MB. Index size in MB.", "",
+              "| stage | " + " | ".join(f"{s}x s | {s}x ms/chunk | {s}x RSS / anon" for s in sizes)
+              + f" | ms/chunk {sizes[-1]}x / {sizes[0]}x |",
+              "| --- |" + " --- | --- | --- |" * len(sizes) + " --- |"]
+    names = ["chunking", "embedding"] + [f"index {k}" for k in F[sizes[0]]["index"]] +             [f"neighbours {k}" for k in F[sizes[0]]["neighbours"]]
+
+    def rec(f, name):
+        if name in ("chunking", "embedding"):
+            return f[name]
+        stage, key = name.split(" ", 1)
+        return f[stage].get(key)
+
+    for name in names:
+        cells = []
+        for s in sizes:
+            r = rec(F[s], name)
+            if r is None:
+                cells += ["", "", ""]
+                continue
+            star = "*" if name == "embedding" and r.get("sampled") else ""
+            cells += [f"{r['seconds']:.1f}{star}", f"{r['ms_per_chunk']:.3f}",
+                      f"{r['peak_rss_MB']:.0f} / {r['peak_anon_MB']:.0f}"]
+        ratio = S["per_chunk_ratio"].get(name)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'' if ratio is None else f'{ratio:.2f}'} |")
+    k = res["k"]
+    lines += ["", "\\* projected from the sampled chunks' per-chunk cost.", "",
+              "| index | " + " | ".join(f"{s}x MB / recall@{k} / knn-file recall" for s in sizes) + " |",
+              "| --- |" + " --- |" * len(sizes)]
+    for key in F[sizes[0]]["index"]:
+        cells = []
+        for s in sizes:
+            r = F[s]["index"].get(key)
+            if r is None:
+                cells.append("")
+                continue
+            rc = r.get("recall")
+            cells.append(f"{r['index_bytes'] / 2**20:.1f}" + ("" if rc is None else
+                         f" / {rc[f'recall@{k}']:.3f} / {rc[f'knn_file_recall@{k}']:.3f}"))
+        lines.append(f"| {key} (`{F[sizes[-1]]['index'][key]['spec']}`) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def scale_main(args) -> None:
+    import datetime
+    import platform
+    import sys
+
+    from _report import run_identity, write_section
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dbscale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results.setdefault("factors", {})
+    for factor in (int(f) for f in args.factors.split(",")):
+        res = scale_one(workdir, factor, args)
+        results["factors"][str(factor)] = res
+        commit, cpu = run_identity(REPO)
+        results.update(
+            commit=commit, cpu=cpu, threads=torch.get_num_threads(), k=args.knn,
+            python=platform.python_version(), base_mb=args.base_mb,
+            command="python benchmarks/bench_database.py " + " ".join(sys.argv[1:]),
+            when_utc=datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
+            load_average=round(os.getloadavg()[0], 1), search_params=SEARCH_PARAMS,
+            tile_noise=TILE_NOISE)
+        if len(results["factors"]) > 1:
+            results["summary"] = scale_summary(results["factors"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(out, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+    if "summary" in results and out.resolve() == SCALE_JSON.resolve():
+        write_section(REPO / "BENCHMARKS.md", "database_scale", scale_markdown(results))
+    print(json.dumps(results.get("summary", results), indent=2))
 
 
 def _cpu_name() -> str:
