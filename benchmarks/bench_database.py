@@ -165,6 +165,9 @@ def main() -> None:
     scale.add_argument("--out", default=str(SCALE_JSON),
                        help="results JSON (merged per size); the BENCHMARKS.md section is written "
                             "only for the default")
+    scale.add_argument("--only", default=None,
+                       help="re-measure only these stages (comma-separated: chunking, embedding, "
+                            "index, neighbours), reusing the rest from --out and --workdir")
     scale.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
@@ -286,10 +289,16 @@ class _PeakAnon:
 
         self.peak, self._stop = _status_kb("RssAnon"), threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.trace: list = []  # (seconds, RssAnon MB) every second: growth over the stage
 
     def _run(self):
+        start = last = time.perf_counter()
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, _status_kb("RssAnon"))
+            anon = _status_kb("RssAnon")
+            self.peak = max(self.peak, anon)
+            if time.perf_counter() - last >= 1.0:
+                last = time.perf_counter()
+                self.trace.append((round(last - start, 1), round(anon / 1024, 1)))
 
     def __enter__(self):
         self._thread.start()
@@ -301,10 +310,14 @@ class _PeakAnon:
         self.peak = max(self.peak, _status_kb("RssAnon"))
 
 
+_TIMINGS: dict = {}
+
+
 def build_approximate_index(embeddings: np.ndarray, emb_path: Path, index_path: Path, spec: str):
     """The approximate index ``spec`` (a faiss factory string) over ``embeddings``, trained on a
     random sample of at most 64 x 1024 rows (IVF needs ~40-256 per list, PQ 256 per code), added in
-    batches, saved atomically. The one place to switch to the library's own factory-string
+    one call read straight from the memmap (batches would grow the storage by reallocation, old and
+    new buffer at once), saved atomically. The one place to switch to the library's own factory-string
     indexes (``index.build_index(..., index=spec)``) once they exist."""
     import faiss
 
@@ -312,13 +325,15 @@ def build_approximate_index(embeddings: np.ndarray, emb_path: Path, index_path: 
 
     num, dim = embeddings.shape
     index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    start = time.perf_counter()
     if not index.is_trained:
         rows = np.sort(np.random.default_rng(0).choice(num, min(num, 64 * 1024), replace=False))
         index.train(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
-    for start in range(0, num, 65536):
-        index.add(np.ascontiguousarray(embeddings[start:start + 65536], dtype=np.float32))
+    train_s = time.perf_counter() - start
+    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
     with atomic_path(index_path) as tmp:
         faiss.write_index(index, str(tmp))
+    _TIMINGS["train_s"] = train_s  # reported with the stage
     return index
 
 
@@ -366,7 +381,8 @@ def _stage(name: str, a: dict) -> dict:
         else:
             index = build_approximate_index(embeddings, Path(a["emb"]), Path(a["out"]), a["spec"])
         out.update(seconds=time.perf_counter() - start, chunks=len(embeddings),
-                   index_bytes=Path(a["out"]).stat().st_size, index_type=type(index).__name__)
+                   index_bytes=Path(a["out"]).stat().st_size, index_type=type(index).__name__,
+                   train_s=_TIMINGS.get("train_s", 0.0))
     elif name == "neighbours":
         # the library's own chunks_to_precalculated_knn_, given the index and embeddings built by
         # the earlier stages (its embed-and-index step is swapped for loading them)
@@ -416,6 +432,7 @@ def _stage_main(name: str) -> None:
     with _PeakAnon() as peak:
         out = _stage(name, a)
     out.update(peak_rss_MB=_status_kb("VmHWM") / 1024, peak_anon_MB=peak.peak / 1024,
+               anon_MB_trace=peak.trace[:: max(1, len(peak.trace) // 20)],
                # the process at the start of the stage (interpreter, torch, numpy, faiss)
                start_rss_MB=before["rss_kb"] / 1024, start_anon_MB=before["anon_kb"] / 1024)
     print(json.dumps(out))
@@ -495,20 +512,34 @@ def _tile(source: Path, out: Path, num: int, doc_seed: int = 2) -> None:
     del dst
 
 
-def scale_one(workdir: Path, factor: int, args) -> dict:
-    """Every stage at ``factor`` x the base size; files under ``workdir/x{factor}``."""
+def scale_one(workdir: Path, factor: int, args, prev: Optional[dict] = None) -> dict:
+    """Every stage at ``factor`` x the base size; files under ``workdir/x{factor}``. With
+    ``args.only``, the other stages' figures (and files) are ``prev``'s."""
     here = workdir / f"x{factor}"
+    only = set(args.only.split(",")) if args.only else set(STAGES)
+    if only - set(STAGES):
+        raise ValueError(f"--only {args.only!r}: stages are {', '.join(STAGES)}")
+    if only != set(STAGES) and prev is None:
+        raise ValueError(f"--only needs the {factor}x results in --out from an earlier run")
     docs, num_files, nbytes = _corpus(workdir, factor, int(args.base_mb * 2**20))
     C = args.chunk_size
     seq_len = 32 * C
     p = {k: str(here / f"db.{k}.dat") for k in ("chunks", "seqs", "doc_ids")}
     res: dict = {"factor": factor, "files": num_files, "bytes": nbytes}
-    res["chunking"] = _run_stage("chunking", docs=str(docs), chunk_size=C, seq_len=seq_len,
-                                 chunks=p["chunks"], seqs=p["seqs"], doc_ids=p["doc_ids"])
+    if "chunking" in only:
+        res["chunking"] = _run_stage("chunking", docs=str(docs), chunk_size=C, seq_len=seq_len,
+                                     chunks=p["chunks"], seqs=p["seqs"], doc_ids=p["doc_ids"])
+    else:
+        res["chunking"] = prev["chunking"]
+    # chunking tokenizes 64 documents (or 8 MB) at a time: its memory follows the largest batch
+    sizes = [f.stat().st_size for f in sorted(docs.iterdir())]
+    res["chunking"]["largest_batch_MB"] = max(sum(sizes[i:i + 64]) for i in range(0, len(sizes), 64)) / 2**20
     n, num_seqs = res["chunking"]["chunks"], res["chunking"]["seqs"]
     res.update(chunks=n, docs=res["chunking"]["docs"])
     emb_path = here / "db.chunks.emb.npy"
-    if n <= args.embed_full_max:
+    if "embedding" not in only:
+        res["embedding"], res["vectors"] = prev["embedding"], prev["vectors"]
+    elif n <= args.embed_full_max:
         res["embedding"] = _run_stage("embedding", chunks=p["chunks"], num_chunks=n, chunk_size=C,
                                       out=str(emb_path))
         res["embedding"]["sampled"] = False
@@ -536,13 +567,14 @@ def scale_one(workdir: Path, factor: int, args) -> dict:
         res["vectors"] = (f"tiled: the {full[0]}x database's real embeddings repeated "
                           f"{n / np.load(workdir / f'x{full[0]}' / 'db.chunks.emb.npy', mmap_mode='r').shape[0]:.1f} "
                           f"times, each copy plus N(0, {TILE_NOISE}^2) noise per dimension, renormalised")
-    res["index"], res["neighbours"] = {}, {}
+    res["index"], res["neighbours"] = dict(prev["index"]) if prev else {}, dict(prev["neighbours"]) if prev else {}
     specs = ["Flat"] + [s.format(nlist=int(4 * n ** 0.5)) for s in args.approx.split(";") if s]
-    for spec in specs:
+    for spec in specs if {"index", "neighbours"} & only else []:  # neighbours follow the index
         key = "exact" if spec == "Flat" else re.sub(r"IVF\d+", "IVF", spec)
         out = here / f"{'exact' if spec == 'Flat' else 'approx' + str(specs.index(spec))}.index"
-        res["index"][key] = _run_stage("index", emb=str(emb_path), out=str(out), spec=spec)
-        res["index"][key]["spec"] = spec
+        if "index" in only or key not in res["index"]:
+            res["index"][key] = _run_stage("index", emb=str(emb_path), out=str(out), spec=spec)
+            res["index"][key]["spec"] = spec
         res["neighbours"][key] = _run_stage(
             "neighbours", index=str(out), emb=str(emb_path), params=SEARCH_PARAMS, k=args.knn,
             num_chunks=n, chunk_size=C, chunks=p["chunks"], doc_ids=p["doc_ids"], seqs=p["seqs"],
@@ -577,9 +609,22 @@ def scale_summary(factors: dict) -> dict:
     for name, r in records(hi):
         if name in lo_recs:
             summary["per_chunk_ratio"][name] = r["ms_per_chunk"] / lo_recs[name]["ms_per_chunk"]
+    if len(sizes) > 2:  # from the middle size: less of the fixed per-process costs of small sizes
+        mid = dict(records(factors[sizes[-2]]))
+        summary[f"per_chunk_ratio_{sizes[-1]}x_over_{sizes[-2]}x"] = {
+            name: r["ms_per_chunk"] / mid[name]["ms_per_chunk"] for name, r in records(hi) if name in mid}
     for s in sizes:
         summary["anon_MB_excluding_index"][s] = {
             name: r["peak_anon_MB"] - r.get("index_bytes", 0) / 2**20 for name, r in records(factors[s])}
+    first, last = summary["anon_MB_excluding_index"][sizes[0]], summary["anon_MB_excluding_index"][sizes[-1]]
+    summary["anon_MB_excluding_index_growth"] = {name: last[name] - first[name] for name in last
+                                                 if name in first}
+    summary["targets"] = {
+        "per_chunk_ratio_max": 1.3,
+        "per_chunk_ratio_met": {k: v <= 1.3 for k, v in summary["per_chunk_ratio"].items()},
+        "recall@2_min": 0.9,
+        "recall@2": {f"{s}x {key}": r["recall"][f"recall@2"] for s in sizes
+                     for key, r in factors[s]["index"].items() if "recall" in r}}
     return summary
 
 
@@ -604,8 +649,10 @@ def scale_markdown(res: dict) -> str:
               "(RssAnon sampled every 10 ms; VmHWM also counts memmap file pages the stage "
               "touched), MB. Index size in MB.", "",
               "| stage | " + " | ".join(f"{s}x s | {s}x ms/chunk | {s}x RSS / anon" for s in sizes)
-              + f" | ms/chunk {sizes[-1]}x / {sizes[0]}x |",
-              "| --- |" + " --- | --- | --- |" * len(sizes) + " --- |"]
+              + f" | ms/chunk {sizes[-1]}x / {sizes[0]}x |"
+              + (f" {sizes[-1]}x / {sizes[-2]}x |" if len(sizes) > 2 else ""),
+              "| --- |" + " --- | --- | --- |" * len(sizes) + " --- |" + (" --- |" if len(sizes) > 2 else "")]
+    mid_ratio = S.get(f"per_chunk_ratio_{sizes[-1]}x_over_{sizes[-2]}x", {}) if len(sizes) > 2 else None
     names = ["chunking", "embedding"] + [f"index {k}" for k in F[sizes[0]]["index"]] +             [f"neighbours {k}" for k in F[sizes[0]]["neighbours"]]
 
     def rec(f, name):
@@ -625,7 +672,8 @@ def scale_markdown(res: dict) -> str:
             cells += [f"{r['seconds']:.1f}{star}", f"{r['ms_per_chunk']:.3f}",
                       f"{r['peak_rss_MB']:.0f} / {r['peak_anon_MB']:.0f}"]
         ratio = S["per_chunk_ratio"].get(name)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'' if ratio is None else f'{ratio:.2f}'} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'' if ratio is None else f'{ratio:.2f}'} |"
+                     + ("" if mid_ratio is None else f" {mid_ratio[name]:.2f} |" if name in mid_ratio else " |"))
     k = res["k"]
     lines += ["", "\\* projected from the sampled chunks' per-chunk cost.", "",
               "| index | " + " | ".join(f"{s}x MB / recall@{k} / knn-file recall" for s in sizes) + " |",
@@ -641,6 +689,19 @@ def scale_markdown(res: dict) -> str:
             cells.append(f"{r['index_bytes'] / 2**20:.1f}" + ("" if rc is None else
                          f" / {rc[f'recall@{k}']:.3f} / {rc[f'knn_file_recall@{k}']:.3f}"))
         lines.append(f"| {key} (`{F[sizes[-1]]['index'][key]['spec']}`) | " + " | ".join(cells) + " |")
+    T = S.get("targets", {})
+    ratios = S["per_chunk_ratio"]
+    growth = S.get("anon_MB_excluding_index_growth", {})
+    lines += ["", f"Targets ({sizes[-1]}x against {sizes[0]}x):", "",
+              f"- per-chunk time within {T.get('per_chunk_ratio_max', 1.3)}x: "
+              + ", ".join(f"{name} {v:.2f} ({'met' if v <= 1.3 else '**missed**'})"
+                          for name, v in ratios.items()) + ";",
+              "- peak anonymous memory apart from the index (peak RssAnon minus the index's size), "
+              f"growth from {sizes[0]}x to {sizes[-1]}x: "
+              + ", ".join(f"{name} {v:+.0f} MB" for name, v in growth.items()) + ";",
+              f"- recall@{k} against exact search ({res.get('search_params')}), at least "
+              f"{T.get('recall@2_min', 0.9)}: "
+              + ", ".join(f"{name} {v:.3f}" for name, v in T.get("recall@2", {}).items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -657,10 +718,16 @@ def scale_main(args) -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     results.setdefault("factors", {})
-    for factor in (int(f) for f in args.factors.split(",")):
-        res = scale_one(workdir, factor, args)
-        results["factors"][str(factor)] = res
+    for factor in (int(f) for f in args.factors.split(",") if f):  # none: only the report
+        prev = results["factors"].get(str(factor))
+        res = scale_one(workdir, factor, args, prev)
         commit, cpu = run_identity(REPO)
+        res["runs"] = ((prev or {}).get("runs", []) if args.only else []) + [{
+            "command": "python benchmarks/bench_database.py " + " ".join(sys.argv[1:]),
+            "stages": args.only or ",".join(STAGES), "commit": commit,
+            "when_utc": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
+            "load_average": round(os.getloadavg()[0], 1)}]
+        results["factors"][str(factor)] = res
         results.update(
             commit=commit, cpu=cpu, threads=torch.get_num_threads(), k=args.knn,
             python=platform.python_version(), base_mb=args.base_mb,
