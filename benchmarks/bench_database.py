@@ -632,13 +632,25 @@ def scale_markdown(res: dict) -> str:
     F = res["factors"]
     sizes = sorted(F, key=int)
     S = res["summary"]
+    runs: dict = {}
+    for s in sizes:
+        for run in F[s].get("runs", []):
+            key = (run["command"], run["commit"], run["stages"])
+            runs.setdefault(key, [run["when_utc"], []])[1].append(f"{s}x")
     lines = ["## Database build at scale", "",
-             f"`{res['command']}` (commit {res['commit']}, {res['cpu']}, "
-             f"{res['threads']} thread, OMP_NUM_THREADS=1, load average {res['load_average']}; "
-             f"{res['when_utc']}). Corpus: the Python {res['python']} standard library's `.py` "
-             "files and the pydoc topics, one document per file, in a seeded random order; each "
-             "size holds the smaller ones. C = 64, K = 2, every stage in a fresh process (times "
-             "are the stage's work, without imports and model loading).", "",
+             f"{res['cpu']}, {res['threads']} thread (OMP_NUM_THREADS=1), a machine shared with "
+             "other jobs, so single stage times move by about 10%. Runs, in order (a later run's "
+             "figures replace an earlier one's for the stages it measured):", ""]
+    lines += [f"- {when}, commit {commit}: `{cmd}` measured {stages.replace(',', ', ')} at "
+              f"{', '.join(where)}"
+              for (cmd, commit, stages), (when, where) in sorted(runs.items(), key=lambda kv: kv[1][0])]
+    lines += ["", f"Corpus: the Python {res['python']} standard library's `.py` "
+              "files and the pydoc topics, one document per file, in a seeded random order; each "
+              "size holds the smaller ones. C = 64, K = 2, every stage in a fresh process (times "
+              "are the stage's work, without imports and model loading; the process holds "
+              f"{F[sizes[0]]['chunking']['start_rss_MB']:.0f} MB RSS, "
+              f"{F[sizes[0]]['chunking']['start_anon_MB']:.0f} MB anonymous before it starts). "
+              f"Approximate indexes searched with {res.get('search_params')}.", "",
              "| size | files | MB | chunks | embedding vectors |", "| --- | --- | --- | --- | --- |"]
     for s in sizes:
         f = F[s]
