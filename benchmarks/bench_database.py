@@ -505,11 +505,11 @@ def _corpus(workdir: Path, factor: int, base_bytes: int) -> tuple[Path, int, int
     return docs, n, total
 
 
-def _tile(source: Path, out: Path, num: int, doc_seed: int = 2) -> None:
+def _tile(source: Path, out: Path, num: int, seed: int = 2) -> None:
     """``num`` rows: the real embeddings of ``source`` repeated, each copy plus Gaussian noise
     (std TILE_NOISE per dimension) and renormalised."""
     src = np.load(source, mmap_mode="r")
-    rng = np.random.default_rng(doc_seed)
+    rng = np.random.default_rng(seed)
     dst = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(num, src.shape[1]))
     for start in range(0, num, 16384):
         stop = min(num, start + 16384)
