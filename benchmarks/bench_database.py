@@ -598,6 +598,39 @@ def scale_one(workdir: Path, factor: int, args, prev: Optional[dict] = None) -> 
     return res
 
 
+#: the GPU assumption of the 1B projection: a fraction of an H100/H200's bf16 dense peak
+GPU_PEAK_FLOPS, GPU_UTILISATION = 989e12, 0.25
+
+
+def projection_1b(factors: dict, dim: int = 384, pq_m: int = 48, nlist: int = 2**22) -> dict:
+    """1B chunks from the measured per-chunk costs (a projection, not a measurement): embedding
+    time on this CPU and on one GPU (GPU_UTILISATION x GPU_PEAK_FLOPS, at the embedder's forward
+    FLOPs per chunk), and index memory flat / HNSW32 (measured bytes per vector) / IVF-PQ."""
+    sizes = sorted(factors, key=int)
+    full = [factors[s]["embedding"] for s in sizes if not factors[s]["embedding"].get("sampled")]
+    ms = full[-1]["ms_per_chunk"] if full else factors[sizes[-1]]["embedding"]["ms_per_chunk"]
+    info = emb.tokenizer_info()
+    ids, _ = emb.format_chunks(torch.zeros(1, 64, dtype=torch.long) + 1000, pad_id=info.pad_id,
+                               eos_id=info.eos_id, cls_id=info.cls_id, sep_id=info.sep_id)
+    flops = bert_flops(emb.get_bert(), 1, ids.shape[1])
+    gpu_rate = GPU_UTILISATION * GPU_PEAK_FLOPS / flops
+    n, top = 1e9, factors[sizes[-1]]
+    hnsw = top["index"].get("HNSW32")
+    return {
+        "chunks": n, "embedding_ms_per_chunk_cpu": ms,
+        "embedding_cpu_core_days": n * ms / 1000 / 86400,
+        "embedding_gflop_per_chunk": flops / 1e9, "gpu_assumption":
+            f"{GPU_UTILISATION:.0%} of {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 dense peak",
+        "embedding_gpu_chunks_per_s": gpu_rate, "embedding_gpu_hours": n / gpu_rate / 3600,
+        "chunking_core_hours": n * top["chunking"]["ms_per_chunk"] / 1000 / 3600,
+        "index_GiB": {
+            "flat": n * dim * 4 / 2**30,
+            "HNSW32 (measured bytes per vector)": None if hnsw is None else
+                n * hnsw["index_bytes"] / top["chunks"] / 2**30,
+            f"IVF{nlist}_HNSW32,PQ{pq_m}: codes + ids": n * (pq_m + 8) / 2**30,
+            f"IVF{nlist}_HNSW32,PQ{pq_m}: centroids": nlist * dim * 4 / 2**30}}
+
+
 def scale_summary(factors: dict) -> dict:
     """Per-chunk cost ratios largest/smallest size, memory growth, recall."""
     sizes = sorted(factors, key=int)
@@ -729,6 +762,16 @@ def scale_markdown(res: dict) -> str:
               f"- recall@{k} against exact search ({res.get('search_params')}), at least "
               f"{T.get('recall@2_min', 0.9)}: "
               + ", ".join(f"{name} {v:.3f}" for name, v in T.get("recall@2", {}).items()) + "."]
+    P = res.get("projection_1B_chunks")
+    if P:
+        ix = P["index_GiB"]
+        lines += ["", "Projection to 1B chunks (arithmetic on the figures above, not a measurement): "
+                  f"embedding {P['embedding_cpu_core_days']:.0f} core-days on this CPU at "
+                  f"{P['embedding_ms_per_chunk_cpu']:.1f} ms per chunk; on one GPU "
+                  f"{P['embedding_gpu_hours']:.1f} hours at {P['embedding_gflop_per_chunk']:.2f} "
+                  f"GFLOP per chunk, assuming {P['gpu_assumption']}; chunking "
+                  f"{P['chunking_core_hours']:.0f} core-hours; index memory (GiB) "
+                  + ", ".join(f"{k} {v:,.0f}" for k, v in ix.items() if v is not None) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -765,6 +808,10 @@ def scale_main(args) -> None:
         if len(results["factors"]) > 1:
             results["summary"] = scale_summary(results["factors"])
         out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(out, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+    if len(results["factors"]) > 1:
+        results["summary"] = scale_summary(results["factors"])
+        results["projection_1B_chunks"] = projection_1b(results["factors"])
         write_atomically(out, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
     if "summary" in results and out.resolve() == SCALE_JSON.resolve():
         write_section(REPO / "BENCHMARKS.md", "database_scale", scale_markdown(results))
