@@ -680,7 +680,7 @@ def scale_markdown(res: dict) -> str:
             runs.setdefault(key, [run["when_utc"], []])[1].append(f"{s}x")
     lines = ["## Database build at scale", "",
              f"{res['cpu']}, {res['threads']} thread (OMP_NUM_THREADS=1), a machine shared with "
-             "other jobs, so single stage times move by about 10%. Runs, in order (a later run's "
+             "other jobs, so single stage times move by 10-30% between runs. Runs, in order (a later run's "
              "figures replace an earlier one's for the stages it measured):", ""]
     lines += [f"- {when}, commit {commit}: `{cmd}` measured {stages.replace(',', ', ')} at "
               f"{', '.join(where)}"
@@ -692,10 +692,11 @@ def scale_markdown(res: dict) -> str:
               f"{F[sizes[0]]['chunking']['start_rss_MB']:.0f} MB RSS, "
               f"{F[sizes[0]]['chunking']['start_anon_MB']:.0f} MB anonymous before it starts). "
               f"Approximate indexes searched with {res.get('search_params')}.", "",
-             "| size | files | MB | chunks | embedding vectors |", "| --- | --- | --- | --- | --- |"]
+             "| size | files | MB | chunks | vectors |", "| --- | --- | --- | --- | --- |"]
     for s in sizes:
         f = F[s]
-        emb_note = ("sampled: " + str(f["embedding"]["chunks_embedded"]) + " chunks embedded; "
+        emb_note = (f"embedding stage: {f['embedding']['chunks_embedded']:,} random chunks "
+                    "embedded (its per-chunk cost); index and neighbour stages: "
                     if f["embedding"].get("sampled") else "") + f["vectors"]
         lines.append(f"| {s}x | {f['files']} | {f['bytes'] / 2**20:.1f} | {f['chunks']:,} | {emb_note} |")
     lines += ["", "Per stage: seconds, ms per chunk, peak RSS (`VmHWM`) and peak anonymous memory "
