@@ -572,7 +572,7 @@ def scale_one(workdir: Path, factor: int, args, prev: Optional[dict] = None) -> 
             raise RuntimeError(f"x{factor} is sampled: run a fully embedded size first (--factors 4,{factor})")
         _tile(workdir / f"x{full[0]}" / "db.chunks.emb.npy", emb_path, n)
         (here / "tiled").write_text(str(full[0]))
-        res["vectors"] = (f"tiled: the {full[0]}x database's real embeddings repeated "
+        res["vectors"] = (f"the {full[0]}x database's real embeddings tiled, repeated "
                           f"{n / np.load(workdir / f'x{full[0]}' / 'db.chunks.emb.npy', mmap_mode='r').shape[0]:.1f} "
                           f"times, each copy plus N(0, {TILE_NOISE}^2) noise per dimension, renormalised")
     res["index"], res["neighbours"] = dict(prev["index"]) if prev else {}, dict(prev["neighbours"]) if prev else {}
