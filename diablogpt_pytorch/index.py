@@ -56,6 +56,7 @@ def build_index(embeddings: np.ndarray, embeddings_path: Union[str, Path], index
             N*d*4 bytes fit it; otherwise autofaiss picks a compressed index under this budget.
         current_memory_available: memory autofaiss may use while building.
         exact: force (True) or forbid (False) the exact index; None chooses by the budget.
+        batch_size: not used (the exact index is added in one call, without a transient copy).
 
     Returns:
         the faiss index (CPU).
@@ -71,8 +72,9 @@ def build_index(embeddings: np.ndarray, embeddings_path: Union[str, Path], index
         logger.info("building exact IndexFlatIP over %d x %d vectors (%.1f MB, budget %.1f MB)",
                     num, dim, need / 2**20, budget / 2**20)
         index = faiss.IndexFlatIP(dim)
-        for start in tqdm(range(0, num, batch_size), desc="indexing", unit="batch"):
-            index.add(np.ascontiguousarray(embeddings[start:start + batch_size], dtype=np.float32))
+        # one add, read straight from the memmap: adding in batches grows the index's buffer by
+        # reallocation, which holds the old and the new buffer at once (up to twice the index)
+        index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
     else:
         index = _autofaiss_index(embeddings_path, index_path, num, dim, max_index_memory_usage,
                                  current_memory_available)

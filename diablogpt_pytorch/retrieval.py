@@ -477,6 +477,21 @@ def sequence_documents(seq_starts: np.ndarray, doc_ids: np.ndarray, chunks_per_s
     return out
 
 
+def sequence_documents_window(sorted_seq_starts: np.ndarray, doc_ids: np.ndarray,
+                              chunks_per_seq: int, start: int, stop: int) -> np.ndarray:
+    """:func:`sequence_documents` rows of chunks ``start .. stop - 1`` only, from the sequences
+    that overlap them (``sorted_seq_starts``: the starts, sorted): memory and time bounded by the
+    window, not the database."""
+    lo = np.searchsorted(sorted_seq_starts, start - chunks_per_seq + 1, side="left")
+    hi = np.searchsorted(sorted_seq_starts, stop, side="left")
+    starts = sorted_seq_starts[lo:hi]
+    base = int(starts[0]) if len(starts) else start
+    base = min(base, start)
+    end = min(len(doc_ids), max(stop, int(starts[-1]) + chunks_per_seq if len(starts) else stop))
+    rows = sequence_documents(starts - base, np.asarray(doc_ids[base:end]), chunks_per_seq)
+    return rows[start - base: stop - base]
+
+
 # ----------------------------------------------------------------------------- embeddings, index
 
 
@@ -635,7 +650,7 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
     if num_extra_neighbors < 0:
         raise ValueError(f"num_extra_neighbors must be >= 0, got {num_extra_neighbors}")
     doc_ids = open_doc_ids(doc_ids_memmap_path, num_chunks)
-    seq_docs = None
+    seq_starts = None
     if seqs_memmap_path is not None:
         if num_seqs is None or seq_len is None or seq_len % chunk_size:
             raise ValueError(
@@ -644,7 +659,9 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
         seqs = open_int32_memmap(seqs_memmap_path, (num_seqs,), "seqs memmap",
                                  missing_fix="build it with text_folder_to_chunks_",
                                  mismatch_fix="pass the num_seqs text_folder_to_chunks_ returned")
-        seq_docs = sequence_documents(seqs, doc_ids, seq_len // chunk_size)
+        # per search batch (sequence_documents_window): all chunks' rows at once would hold
+        # num_chunks x (most documents in a sequence) int64 ids in memory
+        seq_starts = np.sort(np.asarray(seqs, dtype=np.int64))
     index, embeddings = chunks_to_index_and_embed(
         num_chunks, chunk_size, chunk_memmap_path, use_cls_repr=use_cls_repr,
         chunks_to_embeddings_batch_size=chunks_to_embeddings_batch_size, embed_dim=embed_dim,
@@ -657,7 +674,7 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
               "doc_ids": _fingerprint(doc_ids_memmap_path), "num_chunks": num_chunks,
               "num_nearest_neighbors": num_nearest_neighbors,
               "num_extra_neighbors": num_extra_neighbors, "max_search_k": max_search_k,
-              "sequences": None if seq_docs is None else {
+              "sequences": None if seq_starts is None else {
                   "seqs": _fingerprint(seqs_memmap_path), "seq_len": seq_len}}
     if _cached([knn_path], inputs, "knn", force_reprocess) is not None:
         return knn_path, index
@@ -673,7 +690,8 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
                 index, embeddings[start:stop], K, num_extra=num_extra_neighbors,
                 self_ids=np.arange(start, stop), query_doc_ids=np.asarray(doc_ids[start:stop]),
                 doc_ids=doc_ids, max_k=max_search_k,
-                exclude_doc_ids=None if seq_docs is None else seq_docs[start:stop])
+                exclude_doc_ids=None if seq_starts is None else sequence_documents_window(
+                    seq_starts, doc_ids, seq_len // chunk_size, start, stop))
             knn[start:stop] = ids
             incomplete += int((ids < 0).any(axis=1).sum())
         knn.flush()

@@ -251,6 +251,24 @@ def test_sequence_documents_lists_every_document_of_each_chunks_sequences():
     assert rows[:5] == [[0, 1], [0, 1], [0, 1, 2], [1, 2], [1, 2]] and rows[5:] == [[], [], []]
 
 
+def test_sequence_documents_window_equals_the_rows_of_the_whole_table():
+    # what the neighbour search uses per batch: same documents per chunk as the full table, for
+    # packed sequences, overlapping hand-made ones (unsorted) and chunks in no sequence
+    rng = np.random.default_rng(0)
+    doc_ids = np.repeat(np.arange(40), rng.integers(1, 9, 40))
+    n = len(doc_ids)
+    for seqs, per_seq in ((np.arange(0, n, 8), 8), (rng.integers(0, n - 5, 30), 5),
+                          (np.array([3, 50, 51]), 6)):
+        full = retrieval.sequence_documents(seqs, doc_ids, per_seq)
+        ordered = np.sort(seqs)
+        for start in range(0, n, 7):
+            stop = min(n, start + 7)
+            got = retrieval.sequence_documents_window(ordered, doc_ids, per_seq, start, stop)
+            assert len(got) == stop - start
+            for a, b in zip(full[start:stop], got):
+                assert sorted(a[a >= 0].tolist()) == sorted(b[b >= 0].tolist())
+
+
 def brute_force(queries, keys, k, query_docs=None, key_docs=None, self_ids=None):
     sims = queries @ keys.T
     if query_docs is not None:
