@@ -42,7 +42,7 @@ ALLOW_DOWNLOAD_ENV_VAR = "DIABLOGPT_ALLOW_DOWNLOAD"
 # Default precision of chunk embeddings: "auto" = bf16 (a bf16 copy of the weights) where the
 # device computes bf16 natively (CUDA with bf16, CPUs with AMX-BF16/AVX512-BF16), float32 elsewhere
 # (emulated bf16 is slower than fp32). Measured on real text (benchmarks/bench_database.py, README
-# "Retrieval database"): bf16 and fp32 give the same top-2 other-document neighbour set for 98.1%
+# "Retrieval database" and docs/database.md): bf16 and fp32 give the same top-2 other-document neighbour set for 98.1%
 # of chunks (the differing ones are near-ties); pass dtype="float32" for fp32 databases.
 DEFAULT_DTYPE = "auto"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

@@ -43,7 +43,7 @@ PathLike = Union[str, os.PathLike]
 #: ``<eos>`` id 1.
 PAD_TOKEN, EOS_TOKEN = "<pad>", "<eos>"
 TRAINED_PAD_ID, TRAINED_EOS_ID = 0, 1
-#: Default vocabulary of a trained tokenizer (README "Tokenizer" says why).
+#: Default vocabulary of a trained tokenizer (README "Install and run the main job" says why).
 DEFAULT_VOCAB_SIZE = 4096
 TRAIN_FORMAT_VERSION = 1
 

@@ -73,7 +73,7 @@ parser.add_argument("--tokenizer", default="train", help="the LM tokenizer: 'tra
                     "database), 'bert' (the embedder's WordPiece), a SentencePiece .model file, a "
                     "tokenizer.json or a Hugging Face tokenizer folder")
 parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the trained "
-                    "tokenizer (default 4096; README 'Tokenizer' says why)")
+                    "tokenizer (default 4096; README 'Install and run the main job' says why)")
 parser.add_argument("--evals", type=int, default=4, help="held-out evaluations (with and without "
                     "retrieval) spread evenly over training, the last at the end (default 4)")
 parser.add_argument("--log-every", type=int, default=10, help="steps between records of the "
