@@ -669,7 +669,7 @@ def scale_summary(factors: dict) -> dict:
         "per_chunk_ratio_max": 1.3,
         "per_chunk_ratio_met": {k: v <= 1.3 for k, v in summary["per_chunk_ratio"].items()},
         "recall@2_min": 0.9,
-        "recall@2": {f"{s}x {key}": r["recall"][f"recall@2"] for s in sizes
+        "recall@2": {f"{s}x {key}": r["recall"]["recall@2"] for s in sizes
                      for key, r in factors[s]["index"].items() if "recall" in r}}
     return summary
 
