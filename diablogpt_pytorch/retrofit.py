@@ -92,6 +92,20 @@ class _Call:
     cca_state: Optional[tuple] = None
 
 
+class _Scale(nn.Module):
+    """Multiplies by a constant fixed at construction (no parameters, nothing in the state dict)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.4g}"
+
+
 class RetroFitted(nn.Module):
     """A pretrained Hugging Face causal LM with RETRO's neighbour encoder and chunked
     cross-attention added after some of its blocks. Build it with :func:`retrofit`.
@@ -211,7 +225,19 @@ class RetroFitted(nn.Module):
         self.loss_chunk = 512  # rows of logits made at a time by the loss (see lm_head_loss)
 
         # the new parts: DIABLOGPT's modules, at the base model's width
-        self.to_enc = nn.Linear(dim, enc_dim, bias=False) if enc_dim != dim else nn.Identity()
+        # Neighbour tokens enter the encoder through the base's input embedding, whose scale is the
+        # base's choice (GPT-2-style 0.02-std init: RMS ~0.04), next to which every encoder branch
+        # output (RMS ~0.3) drowns the tokens. ``to_enc`` brings them to unit RMS (a Linear whose
+        # initial weight is divided by that RMS, or a fixed scale when the widths match); the CCA
+        # output stays zero, so the logits still equal the base's at initialisation.
+        emb_rms = float(self.base.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
+        emb_scale = 1.0 / emb_rms if emb_rms > 0 else 1.0
+        if enc_dim != dim:
+            self.to_enc = nn.Linear(dim, enc_dim, bias=False)
+            with torch.no_grad():
+                self.to_enc.weight.mul_(emb_scale)
+        else:
+            self.to_enc = _Scale(emb_scale)
         self.encoder = Encoder(enc_dim, enc_depth, dim, heads, dim_head, enc_attn_dropout,
                                enc_ff_dropout, enc_cross_attn_layers, False, None)
         self.cca = nn.ModuleDict({

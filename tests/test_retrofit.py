@@ -334,3 +334,17 @@ if __name__ == "__main__":
     info = D.init_distributed(device="cpu")
     globals()[f"_scenario_{scenario}"](out_dir, info)
     D.cleanup()
+
+
+def test_neighbour_tokens_enter_the_encoder_at_unit_scale(base_path):
+    # the base's embeddings are small (0.02-std init); the encoder must see its neighbours at
+    # unit RMS, as DIABLOGPT's unit-scale embeddings give, or its own branches drown them
+    emb = _load_base(base_path).get_input_embeddings().weight.detach()
+    assert emb.pow(2).mean().sqrt() < 0.1
+    same_width = retrofit(base_path, **dict(NEW, enc_dim=None))
+    out = same_width.to_enc(same_width.token_emb.weight)
+    assert out.pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
+    assert not any(n.startswith("to_enc") for n in same_width.state_dict())
+    narrower = retrofit(base_path, **dict(NEW, enc_dim=16))
+    rms = narrower.to_enc(narrower.token_emb.weight).pow(2).mean().sqrt().item()
+    assert 0.3 < rms < 1.5  # a default-initialised Linear of unit-RMS inputs
