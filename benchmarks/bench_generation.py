@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from diablogpt_pytorch import DIABLOGPT
+from diablogpt_pytorch.config import SEED
 from diablogpt_pytorch.corpus import write_default_corpus
 from diablogpt_pytorch.generation import generate
 from diablogpt_pytorch.retrieval import Retriever, chunks_to_precalculated_knn_, text_folder_to_chunks_
@@ -45,8 +46,7 @@ CONFIGS = {
     # name: (model kwargs, tokens to generate)
     "small": (dict(max_seq_len=2048, enc_dim=256, enc_depth=2, dec_dim=256, dec_depth=6,
                    dec_cross_attn_layers=(3, 6), heads=4, dim_head=64), 2048),
-    "seed": (dict(max_seq_len=2048, enc_dim=896, enc_depth=3, dec_dim=768, dec_depth=12,
-                  dec_cross_attn_layers=(1, 3, 6, 9), heads=8, dim_head=64), 512),
+    "seed": (SEED.replace(dec_attn_dropout=0.0, dec_ff_dropout=0.0).model_kwargs(), 512),
 }
 K = 2
 

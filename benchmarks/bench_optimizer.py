@@ -10,13 +10,13 @@ import time
 import torch
 
 from diablogpt_pytorch import DIABLOGPT
+from diablogpt_pytorch.config import SEED
 from diablogpt_pytorch.training import get_optimizer
 
 
 def main() -> None:
     torch.manual_seed(0)
-    model = DIABLOGPT(max_seq_len=2048, enc_dim=896, enc_depth=3, dec_dim=768, dec_depth=12,
-                      dec_cross_attn_layers=(1, 3, 6, 9), heads=8, dim_head=64)
+    model = DIABLOGPT(**SEED.replace(dec_attn_dropout=0.0, dec_ff_dropout=0.0).model_kwargs())
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     optimizers = {"default": get_optimizer(model, fused=False), "fused": get_optimizer(model)}

@@ -49,6 +49,8 @@ from pathlib import Path
 
 from _report import write_atomically, write_report  # benchmarks/ is this script's directory
 
+from diablogpt_pytorch.config import SEED
+
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 WORKER = HERE / "_worker.py"
@@ -190,8 +192,11 @@ def snapshot_ours(dest: Path) -> tuple[Path, dict]:
 
 
 # the seed README's RETRO(...) architecture (ab_step.py and gpu_step.py build it too)
-SEED_ARCHITECTURE = dict(enc_dim=896, enc_depth=3, dec_dim=768, dec_depth=12,
-                         dec_cross_attn_layers=[1, 3, 6, 9], heads=8, dim_head=64, chunk_size=64)
+# (diablogpt_pytorch.config.SEED's sizes; the layers as a list, which both libraries accept)
+SEED_ARCHITECTURE = dict(enc_dim=SEED.enc_dim, enc_depth=SEED.enc_depth, dec_dim=SEED.dec_dim,
+                         dec_depth=SEED.dec_depth,
+                         dec_cross_attn_layers=list(SEED.dec_cross_attn_layers), heads=SEED.heads,
+                         dim_head=SEED.dim_head, chunk_size=SEED.chunk_size)
 
 
 def seed_config(args) -> dict:

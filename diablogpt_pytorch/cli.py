@@ -351,7 +351,7 @@ def lm_tokenizer(db: dict[str, Any]):
     (stored where ``TrainingWrapper`` reuses it), so the model is built with its exact
     vocabulary."""
     from diablogpt_pytorch.tokenizer import load_tokenizer
-    from diablogpt_pytorch.training import split_documents
+    from diablogpt_pytorch.build import split_documents
 
     spec, documents, path = db["tokenizer"], None, None
     if spec == "train":
@@ -460,7 +460,8 @@ def cmd_train(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from diablogpt_pytorch import DIABLOGPT
     from diablogpt_pytorch.tracking import MetricsLogger
-    from diablogpt_pytorch.training import StepBatchSampler, lr_schedule
+    from diablogpt_pytorch.data import StepBatchSampler
+    from diablogpt_pytorch.optim import lr_schedule
 
     t = cfg["train"]
     device = _device(t["device"])

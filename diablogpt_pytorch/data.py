@@ -11,6 +11,9 @@ Sequence i starting at chunk ``s`` covers the m = seq_len // C chunk rows ``s ..
 seq_len + 1 tokens are those rows' C tokens followed by the extra (+1) token of row ``s+m-1``, so
 the model's labels ``seq[1:]`` run one token into the next chunk. Rows past ``num_chunks`` (the
 last, partial sequence) are padding, and so are their neighbours.
+
+:class:`StepBatchSampler` orders the training batches as a function of the step alone, so that a
+resumed run sees the batches the uninterrupted run saw.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from diablogpt_pytorch import distributed
 from diablogpt_pytorch._io import open_int32_memmap
 from diablogpt_pytorch.neighbours import neighbour_tokens
 
@@ -187,3 +191,44 @@ class DIABLOGPTDataset(Dataset):
             pad_id=self.pad_id,
         )
         return torch.from_numpy(seq), torch.from_numpy(retrieved)
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Endless shuffled batches whose order is a function of the step alone, for exact resume.
+
+    Epoch e is ``torch.randperm(num_items)`` under seed ``seed + e``, cut into ``batch_size``
+    batches (the last, smaller batch of an epoch is dropped unless it is the only one). Iterating
+    from ``start_step`` yields the batches of steps ``start_step, start_step + 1, ...``, so a run
+    resumed at step s sees exactly the batches the uninterrupted run saw. Use as
+    ``wrapper.get_dataloader(batch_sampler=StepBatchSampler(len(wrapper.train_ds), b, seed, s))``.
+
+    Under torchrun (``world_size`` > 1; by default the current rank and world size) each step's
+    global batch of ``batch_size * world_size`` items is cut the same way on every rank (the
+    epoch's permutation depends on the epoch alone, as ``DistributedSampler.set_epoch`` makes it)
+    and rank r takes its r-th ``batch_size`` slice.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, start_step: int = 0,
+                 rank: Optional[int] = None, world_size: Optional[int] = None):
+        if num_items <= 0 or batch_size <= 0:
+            raise ValueError(f"need num_items > 0 and batch_size > 0; got {num_items}, {batch_size}")
+        self.rank = distributed.get_rank() if rank is None else int(rank)
+        self.world_size = distributed.get_world_size() if world_size is None else int(world_size)
+        if self.world_size > 1 and num_items < batch_size * self.world_size:
+            raise ValueError(
+                f"{num_items} training sequences cannot fill a global batch of {batch_size} per "
+                f"rank x {self.world_size} ranks: use a smaller batch size, fewer ranks or more text")
+        self.num_items, self.batch_size = int(num_items), int(batch_size)
+        self.seed, self.start_step = int(seed), int(start_step)
+        self.batches_per_epoch = max(1, self.num_items // (self.batch_size * self.world_size))
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            epoch, position = divmod(step, self.batches_per_epoch)
+            order = torch.randperm(self.num_items,
+                                   generator=torch.Generator().manual_seed(self.seed + epoch))
+            for pos in range(position, self.batches_per_epoch):
+                first = (pos * self.world_size + self.rank) * self.batch_size
+                yield order[first:first + self.batch_size].tolist()
+                step += 1

@@ -32,7 +32,7 @@ layer's self-attention and its feed-forward block instead).
 
 Frozen (``freeze=True``): the base model's parameters do not require gradients and it stays in
 eval mode (its dropout off) even when the retro-fitted model trains; the optimizer of
-:func:`diablogpt_pytorch.training.get_optimizer` gets only the new parameters, and
+:func:`diablogpt_pytorch.optim.get_optimizer` gets only the new parameters, and
 ``state_dict`` (hence every checkpoint) holds only them. The base model is recorded by its path
 and a SHA-256 of its weights (:func:`weights_sha256`); rebuilding from a checkpoint loads the base
 from that path and refuses it if the hash differs.

@@ -1,15 +1,13 @@
 """TrainingWrapper: a folder of text documents -> the retrieval database -> batches for DIABLOGPT.
 
-Pipeline: the documents matching ``glob`` under ``documents_path`` are split
-deterministically into a training part and a held-out part (by a hash of each document's path
-relative to the folder, so the split does not depend on listing order). Training documents become
-the chunks/seqs/doc_ids memmaps, their embeddings, a faiss index and the knn memmap; held-out
-documents become the same memmaps with ``.valid`` before the suffix (``train.chunks.dat`` ->
-``train.chunks.valid.dat``), whose neighbours are searched in the *training* index (a held-out
-chunk never retrieves itself or its own document, which is not in the index).
-
-Every file is built by ``diablogpt_pytorch.retrieval``, which records what it was made from in a
-``.meta.json`` sidecar and reuses a file only while that still matches; ``REPROCESS=1`` rebuilds.
+A facade over the parts that do the work: :mod:`diablogpt_pytorch.build` splits the documents
+(train / held out), builds or reuses the database files and opens them as datasets;
+:mod:`diablogpt_pytorch.data` serves the batches (``DIABLOGPTDataset``, ``StepBatchSampler``);
+:mod:`diablogpt_pytorch.optim` makes the optimizer; :mod:`diablogpt_pytorch.distributed` wraps
+the model under ``torchrun``; :mod:`diablogpt_pytorch.evaluation`,
+:mod:`diablogpt_pytorch.checkpoint` and :mod:`diablogpt_pytorch.generation` evaluate, save and
+sample. ``get_optimizer``, ``lr_schedule``, ``StepBatchSampler``, ``split_documents`` and
+``held_out_path`` are importable from here as before.
 
 faiss/autofaiss/transformers are imported only inside the methods that build or query the
 database, so importing this module stays light.
@@ -17,7 +15,6 @@ database, so importing this module stays light.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -28,40 +25,19 @@ from typing import Any, Optional, Union
 import torch
 from torch.utils.data import DataLoader
 
+from diablogpt_pytorch import build
 from diablogpt_pytorch import checkpoint as ckpt
 from diablogpt_pytorch import distributed
-from diablogpt_pytorch.data import DIABLOGPTDataset
+# moved to build/optim/data; re-exported so that imports from this module keep working
+from diablogpt_pytorch.build import held_out_path, split_documents
+from diablogpt_pytorch.data import StepBatchSampler
 from diablogpt_pytorch.evaluation import autocast_context, evaluate
+from diablogpt_pytorch.optim import get_optimizer, lr_schedule
+
+__all__ = ["TrainingWrapper", "get_optimizer", "lr_schedule", "StepBatchSampler",
+           "split_documents", "held_out_path"]
 
 logger = logging.getLogger(__name__)
-
-
-def split_documents(
-    paths: list[Path], root: Path, valid_fraction: float
-) -> tuple[list[Path], list[Path]]:
-    """Deterministic (train, valid) split of document ``paths``.
-
-    Documents are ranked by the SHA-1 of their path relative to ``root``; the first
-    ``round(valid_fraction * n)`` (at least 1 when ``valid_fraction > 0``, at most n - 1) are held
-    out. Both lists come back in sorted path order. With fewer than 2 documents nothing is held
-    out.
-    """
-    if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must lie in [0, 1); got {valid_fraction}")
-    n = len(paths)
-    if valid_fraction == 0.0 or n < 2:
-        return sorted(paths), []
-    n_valid = min(n - 1, max(1, round(valid_fraction * n)))
-    ranked = sorted(
-        paths, key=lambda p: hashlib.sha1(p.relative_to(root).as_posix().encode()).hexdigest()
-    )
-    return sorted(ranked[n_valid:]), sorted(ranked[:n_valid])
-
-
-def held_out_path(path: Union[str, os.PathLike], tag: str = "valid") -> Path:
-    """``train.chunks.dat`` -> ``train.chunks.valid.dat`` (the held-out split's file)."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.{tag}{path.suffix}")
 
 
 class TrainingWrapper:
@@ -174,7 +150,8 @@ class TrainingWrapper:
         }
         self.valid_paths = {name: held_out_path(p) for name, p in self.paths.items()}
         self.train_documents, self.valid_documents = split_documents(
-            self._documents(), self.documents_path, self.valid_fraction
+            build.list_documents(self.documents_path, self.glob), self.documents_path,
+            self.valid_fraction
         )
         self.tokenizer_path = self.paths["chunks"].with_name(
             f"{self.paths['chunks'].stem}.tokenizer.json")
@@ -189,24 +166,39 @@ class TrainingWrapper:
                     embedder=self.embedder)
         logger.info("LM tokenizer: %s", self.tokenizer)
         self._check_model()
+        self.build_settings = build.BuildSettings(
+            chunk_size=self.chunk_size, seq_len=self.seq_len, knn=self.knn,
+            embedder=self.embedder, tokenizer=self.tokenizer, max_chunks=self.max_chunks,
+            max_seqs=self.max_seqs, knn_extra_neighbors=self.knn_extra_neighbors,
+            max_index_memory_usage=self.max_index_memory_usage,
+            current_memory_available=self.current_memory_available,
+            embed_device=self.embed_device, embed_batch_size=self.embed_batch_size,
+            index_batch_size=self.index_batch_size, embed_dtype=self.embed_dtype)
         # rank 0 builds or validates the files (the others wait); then every rank opens them
+        settings = self.build_settings
         built = None
         with distributed.main_process_first("building the retrieval database") as main:
             if main:
-                built = {"train": self._build_files(self.train_documents, self.paths, train=True)}
+                built = {"train": build.build_split_files(settings, self.train_documents,
+                                                          self.paths, train=True)}
                 if self.valid_documents:
-                    built["valid"] = self._build_files(self.valid_documents, self.valid_paths,
-                                                       train=False)
+                    built["valid"] = build.build_split_files(
+                        settings, self.valid_documents, self.valid_paths, train=False,
+                        db_paths=self.paths)
                 from diablogpt_pytorch.database import write_manifest
 
                 write_manifest(self, built)  # database.json: what each file is, counts, embedder
         built = distributed.broadcast_object(built, what="sharing the database layout")
-        self.train_ds, self.train_stats = self._build(self.train_documents, self.paths, train=True,
-                                                      built=built["train"])
+        self.train_stats = built["train"][0]
+        self.train_ds = build.open_split(settings, self.paths, built["train"])
+        logger.info("training split: %s", self.train_stats)
         self.valid_ds, self.valid_stats, self.valid_num_bytes = None, None, None
         if self.valid_documents:
-            self.valid_ds, self.valid_stats = self._build(self.valid_documents, self.valid_paths,
-                                                          train=False, built=built["valid"])
+            self.valid_stats = built["valid"][0]
+            self.valid_ds = build.open_split(settings, self.valid_paths, built["valid"],
+                                             db_paths=self.paths,
+                                             db_num_chunks=self.train_stats["chunks"])
+            logger.info("held-out split: %s", self.valid_stats)
             self.valid_num_bytes = self._decoded_num_bytes(self.valid_paths, self.valid_stats)
         self._retriever = None
         # what the training loop calls: DistributedDataParallel(diablogpt) under torchrun
@@ -241,122 +233,8 @@ class TrainingWrapper:
             raise ValueError(f"knn must be at least 1; got {self.knn}")
 
     def _decoded_num_bytes(self, paths: dict[str, Path], stats: dict[str, Any]) -> int:
-        """UTF-8 bytes of the text a split's token ids decode to, document by document (pad and
-        eos ids have none): the denominator of bits per byte, comparable across tokenizers."""
-        import numpy as np
-
-        from diablogpt_pytorch import retrieval
-
-        n, C = stats["chunks"], self.chunk_size
-        tokens = retrieval.open_chunks(paths["chunks"], n, C)[:, :C]
-        doc_ids = np.asarray(retrieval.open_doc_ids(paths["doc_ids"], n))
-        bounds = [0] + (1 + np.flatnonzero(doc_ids[1:] != doc_ids[:-1])).tolist() + [n]
-        docs = [tokens[a:b].reshape(-1).tolist() for a, b in zip(bounds[:-1], bounds[1:])]
-        return sum(len(text.encode("utf-8")) for text in self.tokenizer.decode_batch(docs))
-
-    def _documents(self) -> list[Path]:
-        folder = self.documents_path
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"documents_path {str(folder)!r} is not a folder: point it at a folder of text "
-                "files (diablogpt_pytorch.corpus.write_default_corpus writes a default one)"
-            )
-        paths = sorted(p for p in folder.glob(self.glob) if p.is_file())
-        if not paths:
-            raise FileNotFoundError(
-                f"no files in {str(folder)!r} match glob {self.glob!r}: add documents or fix the glob"
-            )
-        return paths
-
-    # -- building ------------------------------------------------------------------------------
-
-    def _build_files(self, documents: list[Path], paths: dict[str, Path], train: bool):
-        """Build (or reuse) a split's memmaps and knn file; returns (stats, knn_path)."""
-        from diablogpt_pytorch import retrieval
-
-        what = "training" if train else "held-out"
-        logger.info("%s split: %d documents", what, len(documents))
-        stats = retrieval.text_folder_to_chunks_(
-            chunks_memmap_path=paths["chunks"],
-            seqs_memmap_path=paths["seqs"],
-            doc_ids_memmap_path=paths["doc_ids"],
-            chunk_size=self.chunk_size,
-            seq_len=self.seq_len,
-            max_chunks=self.max_chunks if train else 2**31 - 1,
-            max_seqs=self.max_seqs if train else 2**31 - 1,
-            paths=documents,
-            embedder=self.embedder,
-            tokenizer=self.tokenizer,
-        )
-        num_chunks = stats["chunks"]
-        if train:
-            knn_path, _ = retrieval.chunks_to_precalculated_knn_(
-                num_nearest_neighbors=self.knn,
-                num_chunks=num_chunks,
-                chunk_size=self.chunk_size,
-                chunk_memmap_path=paths["chunks"],
-                doc_ids_memmap_path=paths["doc_ids"],
-                num_extra_neighbors=self.knn_extra_neighbors,
-                chunks_to_embeddings_batch_size=self.embed_batch_size,
-                max_index_memory_usage=self.max_index_memory_usage,
-                current_memory_available=self.current_memory_available,
-                knn_batch_size=self.index_batch_size,
-                embedder=self.embedder,
-                device=self.embed_device,
-                dtype=self.embed_dtype,
-                # no neighbour from any document packed into the chunk's training sequence
-                seqs_memmap_path=paths["seqs"],
-                num_seqs=stats["seqs"],
-                seq_len=self.seq_len,
-                tokenizer=self.tokenizer,
-            )
-        else:
-            if stats["docs"] + stats.get("empty_docs", 0) != len(documents) or stats.get("truncated"):
-                raise ValueError(
-                    f"the held-out split has {len(documents)} documents but only {stats['docs']} "
-                    "were chunked whole; its bits per byte would be wrong"
-                )
-            knn_path = retrieval.query_chunks_to_knn_(
-                num_nearest_neighbors=self.knn,
-                num_chunks=num_chunks,
-                chunk_size=self.chunk_size,
-                chunk_memmap_path=paths["chunks"],
-                db_chunk_memmap_path=self.paths["chunks"],
-                batch_size=self.embed_batch_size,
-                device=self.embed_device,
-                embedder=self.embedder,
-                tokenizer=self.tokenizer,
-            )
-        return stats, knn_path
-
-    def _build(self, documents: list[Path], paths: dict[str, Path], train: bool,
-               built: Optional[tuple[dict[str, Any], Path]] = None):
-        """The split's dataset over its files: ``built`` = (stats, knn_path) from
-        ``_build_files`` (run by rank 0), else they are built here."""
-        what = "training" if train else "held-out"
-        if built is None:
-            built = self._build_files(documents, paths, train)
-        stats, knn_path = built
-        num_chunks = stats["chunks"]
-        dataset = DIABLOGPTDataset(
-            num_sequences=stats["seqs"],
-            num_chunks=num_chunks,
-            num_neighbors=self.knn,
-            chunk_size=self.chunk_size,
-            seq_len=self.seq_len,
-            chunk_memmap_path=paths["chunks"],
-            chunk_nn_memmap_path=knn_path,
-            seq_memmap_path=paths["seqs"],
-            doc_ids_memmap_path=paths["doc_ids"],
-            eos_id=self.tokenizer.eos_id,
-            pad_id=self.tokenizer.pad_id,
-            # held-out neighbours are ids into the training database
-            db_chunk_memmap_path=None if train else self.paths["chunks"],
-            db_num_chunks=None if train else self.train_stats["chunks"],
-            db_doc_ids_memmap_path=None if train else self.paths["doc_ids"],
-        )
-        logger.info("%s split: %s", what, stats)
-        return dataset, stats
+        """UTF-8 bytes a split's token ids decode to (``build.decoded_num_bytes``)."""
+        return build.decoded_num_bytes(self.tokenizer, paths, stats["chunks"], self.chunk_size)
 
     # -- training ------------------------------------------------------------------------------
 
@@ -450,16 +328,7 @@ class TrainingWrapper:
 
     def database_info(self) -> dict[str, Any]:
         """What a checkpoint records about the database the model was trained with."""
-        return {
-            "embedder": self.embedder,
-            "tokenizer": self.tokenizer.identity(),
-            "knn": self.knn,
-            "chunk_size": self.chunk_size,
-            "seq_len": self.seq_len,
-            "chunks_memmap_path": str(self.paths["chunks"]),
-            "doc_ids_memmap_path": str(self.paths["doc_ids"]),
-            "num_chunks": int(self.train_stats["chunks"]),
-        }
+        return build.database_info(self.build_settings, self.paths, self.train_stats["chunks"])
 
     def save_checkpoint(
         self,
@@ -534,101 +403,3 @@ class TrainingWrapper:
         from diablogpt_pytorch.generation import ids_to_text
 
         return ids_to_text(ids, stop_at_eos=stop_at_eos, tokenizer=self.tokenizer)
-
-
-def lr_schedule(step: int, steps: int, peak: float, warmup: Optional[int] = None,
-                floor: float = 0.1) -> float:
-    """The main job's learning rate at ``step`` (0-based) of ``steps``: linear warm-up over
-    ``warmup`` steps (default ``min(100, max(1, steps // 10))``), then cosine decay from ``peak``
-    to ``floor * peak`` at the last step."""
-    warmup = min(100, max(1, steps // 10)) if warmup is None else max(1, int(warmup))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-class StepBatchSampler(torch.utils.data.Sampler):
-    """Endless shuffled batches whose order is a function of the step alone, for exact resume.
-
-    Epoch e is ``torch.randperm(num_items)`` under seed ``seed + e``, cut into ``batch_size``
-    batches (the last, smaller batch of an epoch is dropped unless it is the only one). Iterating
-    from ``start_step`` yields the batches of steps ``start_step, start_step + 1, ...``, so a run
-    resumed at step s sees exactly the batches the uninterrupted run saw. Use as
-    ``wrapper.get_dataloader(batch_sampler=StepBatchSampler(len(wrapper.train_ds), b, seed, s))``.
-
-    Under torchrun (``world_size`` > 1; by default the current rank and world size) each step's
-    global batch of ``batch_size * world_size`` items is cut the same way on every rank (the
-    epoch's permutation depends on the epoch alone, as ``DistributedSampler.set_epoch`` makes it)
-    and rank r takes its r-th ``batch_size`` slice.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, seed: int = 0, start_step: int = 0,
-                 rank: Optional[int] = None, world_size: Optional[int] = None):
-        if num_items <= 0 or batch_size <= 0:
-            raise ValueError(f"need num_items > 0 and batch_size > 0; got {num_items}, {batch_size}")
-        self.rank = distributed.get_rank() if rank is None else int(rank)
-        self.world_size = distributed.get_world_size() if world_size is None else int(world_size)
-        if self.world_size > 1 and num_items < batch_size * self.world_size:
-            raise ValueError(
-                f"{num_items} training sequences cannot fill a global batch of {batch_size} per "
-                f"rank x {self.world_size} ranks: use a smaller batch size, fewer ranks or more text")
-        self.num_items, self.batch_size = int(num_items), int(batch_size)
-        self.seed, self.start_step = int(seed), int(start_step)
-        self.batches_per_epoch = max(1, self.num_items // (self.batch_size * self.world_size))
-
-    def __iter__(self):
-        step = self.start_step
-        while True:
-            epoch, position = divmod(step, self.batches_per_epoch)
-            order = torch.randperm(self.num_items,
-                                   generator=torch.Generator().manual_seed(self.seed + epoch))
-            for pos in range(position, self.batches_per_epoch):
-                first = (pos * self.world_size + self.rank) * self.batch_size
-                yield order[first:first + self.batch_size].tolist()
-                step += 1
-
-
-def get_optimizer(
-    model: torch.nn.Module,
-    lr: float = 3e-4,
-    wd: float = 0.1,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    **kwargs,
-) -> torch.optim.AdamW:
-    """AdamW with two parameter groups: decayed matrices, and undecayed norms/biases/null kv.
-
-    Uses ``model.no_weight_decay_parameter_names()`` when the model has it, else "ndim < 2".
-    Both groups list parameters in ``model.named_parameters()`` order (never via sets). Frozen
-    parameters are left out. Each group records its parameter names under ``'names'``. Uses the
-    fused AdamW kernel where torch has one for the parameters' device (pass ``fused=False`` or
-    ``foreach=...`` to choose).
-    """
-    if hasattr(model, "no_weight_decay_parameter_names"):
-        no_decay = model.no_weight_decay_parameter_names()
-    else:
-        no_decay = {n for n, p in model.named_parameters() if p.ndim < 2}
-    decay_names, decay, plain_names, plain = [], [], [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name in no_decay:
-            plain_names.append(name)
-            plain.append(param)
-        else:
-            decay_names.append(name)
-            decay.append(param)
-    groups = [
-        {"params": decay, "weight_decay": wd, "names": decay_names},
-        {"params": plain, "weight_decay": 0.0, "names": plain_names},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if "fused" not in kwargs and "foreach" not in kwargs:
-        # the fused kernel (CPU and CUDA) updates all parameters in one pass per step; without it
-        # torch's CPU AdamW loops over parameters one at a time
-        try:
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True, **kwargs)
-        except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the kernel
-            pass
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from diablogpt_pytorch import DIABLOGPT, DIABLOGPTDataset
+from diablogpt_pytorch.config import SEED
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default=None, help="folder for the mock memmaps (default: a temp dir)")
@@ -71,9 +72,7 @@ train_dl = iter(DataLoader(train_ds, batch_size=2))
 # one forwards and backwards
 
 if args.seed_config:
-    model_config = dict(max_seq_len=2048, enc_dim=896, enc_depth=3, dec_dim=768, dec_depth=12,
-                        dec_cross_attn_layers=(1, 3, 6, 9), heads=8, dim_head=64,
-                        dec_attn_dropout=0.25, dec_ff_dropout=0.25)
+    model_config = SEED.model_kwargs()  # the seed README's model
 else:
     model_config = dict(max_seq_len=SEQ_LEN, enc_dim=128, enc_depth=2, dec_dim=128, dec_depth=4,
                         dec_cross_attn_layers=(2, 4), heads=4, dim_head=32,

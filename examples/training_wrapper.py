@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from diablogpt_pytorch import DIABLOGPT, TrainingWrapper
+from diablogpt_pytorch.config import SEED
 from diablogpt_pytorch.corpus import write_default_corpus
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -27,8 +28,9 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 # instantiate DIABLOGPT, fit it into the TrainingWrapper with correct settings
 
 if args.seed_config:
-    sizes = dict(max_seq_len=2048, enc_dim=896, enc_depth=3, dec_dim=768, dec_depth=12,
-                 dec_cross_attn_layers=(1, 3, 6, 9), heads=8, dim_head=64)
+    sizes = {k: v for k, v in SEED.model_kwargs().items()  # the seed README's model sizes
+             if k in ("max_seq_len", "enc_dim", "enc_depth", "dec_dim", "dec_depth",
+                      "dec_cross_attn_layers", "heads", "dim_head")}
 else:
     sizes = dict(max_seq_len=256, enc_dim=128, enc_depth=2, dec_dim=128, dec_depth=4,
                  dec_cross_attn_layers=(2, 4), heads=4, dim_head=32)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from diablogpt_pytorch.config import SEED
 from diablogpt_pytorch.model import DIABLOGPT, deepnet_constants
 
 C = 8  # chunk size of the tiny configs
@@ -314,9 +315,7 @@ def test_no_weight_decay_names_cover_norms_and_null_kv():
 
 def test_seed_readme_config_builds_with_plausible_parameter_count():
     with torch.device("meta"):
-        model = DIABLOGPT(max_seq_len=2048, enc_dim=896, enc_depth=3, dec_dim=768, dec_depth=12,
-                          dec_cross_attn_layers=(1, 3, 6, 9), heads=8, dim_head=64,
-                          dec_attn_dropout=0.25, dec_ff_dropout=0.25)
+        model = DIABLOGPT(**SEED.model_kwargs())
     count = param_count(model)
     # 12 decoder layers of 4 * 768 * 512 (attention, 512-wide inner) + 8 * 768^2 (feed-forward),
     # 4 CCA layers, a 3-layer 896-wide encoder, and two 30522 x 768 vocabulary matrices: 159.9M

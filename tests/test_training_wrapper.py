@@ -79,6 +79,36 @@ def test_split_is_deterministic_and_order_free(tmp_path):
     assert held_out_path("a/train.chunks.dat") == Path("a/train.chunks.valid.dat")
 
 
+def test_facade_parts_rebuild_the_wrappers_datasets_and_old_imports_still_work(built):
+    from diablogpt_pytorch import build, data, optim, training
+
+    root, model, wrapper = built
+    # the names that moved out of training.py are the same objects under both paths
+    assert training.get_optimizer is optim.get_optimizer
+    assert training.lr_schedule is optim.lr_schedule
+    assert training.StepBatchSampler is data.StepBatchSampler
+    assert training.split_documents is build.split_documents
+    assert training.held_out_path is build.held_out_path
+    # the build module alone, given the wrapper's settings, reuses its files and serves its items
+    before = _db_files(root)
+    settings = wrapper.build_settings
+    files = build.build_split_files(settings, wrapper.train_documents, wrapper.paths, train=True)
+    assert _db_files(root) == before and files[0] == wrapper.train_stats
+    ds = build.open_split(settings, wrapper.paths, files)
+    for i in (0, len(ds) - 1):
+        for a, b in zip(ds[i], wrapper.train_ds[i]):
+            assert torch.equal(a, b)
+    valid = build.build_split_files(settings, wrapper.valid_documents, wrapper.valid_paths,
+                                    train=False, db_paths=wrapper.paths)
+    vds = build.open_split(settings, wrapper.valid_paths, valid, db_paths=wrapper.paths,
+                           db_num_chunks=wrapper.train_stats["chunks"])
+    assert all(torch.equal(a, b) for a, b in zip(vds[0], wrapper.valid_ds[0]))
+    assert wrapper.database_info()["num_chunks"] == wrapper.train_stats["chunks"]
+    with pytest.raises(ValueError, match="held-out split needs db_paths"):
+        build.build_split_files(settings, wrapper.valid_documents, wrapper.valid_paths,
+                                train=False)
+
+
 def test_reuses_matching_database_and_rebuilds_on_reprocess(built, monkeypatch):
     root, model, wrapper = built
     before = _db_files(root)
