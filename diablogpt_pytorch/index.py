@@ -44,7 +44,7 @@ def flat_index_bytes(num_vectors: int, dim: int) -> int:
 
 def build_index(embeddings: np.ndarray, embeddings_path: Union[str, Path], index_path: Union[str, Path],
                 *, max_index_memory_usage: Union[str, int] = "100m",
-                current_memory_available: Union[str, int] = "1G", batch_size: int = 65536,
+                current_memory_available: Union[str, int] = "1G",
                 exact: Optional[bool] = None):
     """Build the index of ``embeddings`` and save it atomically at ``index_path``.
 
@@ -56,7 +56,6 @@ def build_index(embeddings: np.ndarray, embeddings_path: Union[str, Path], index
             N*d*4 bytes fit it; otherwise autofaiss picks a compressed index under this budget.
         current_memory_available: memory autofaiss may use while building.
         exact: force (True) or forbid (False) the exact index; None chooses by the budget.
-        batch_size: not used (the exact index is added in one call, without a transient copy).
 
     Returns:
         the faiss index (CPU).
