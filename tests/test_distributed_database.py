@@ -98,6 +98,7 @@ def test_two_rank_sharded_build_equals_single_process_build(tmp_path, one_thread
         "emb-00000-of-00001.npy"]
 
 
+@pytest.mark.autofaiss
 def test_autofaiss_index_reads_the_shard_folder_in_rank_order(tmp_path):
     """The approximate path: autofaiss builds from the folder of shards; ids follow rank order,
     and shards of another number of ranks are removed from the folder first."""

@@ -446,6 +446,7 @@ def _unit_vectors(path, n, d):
     return np.load(path, mmap_mode="r")
 
 
+@pytest.mark.autofaiss
 def test_over_budget_databases_use_autofaiss(tmp_path):
     import faiss
 
@@ -457,6 +458,7 @@ def test_over_budget_databases_use_autofaiss(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.index", "e.npy"]
 
 
+@pytest.mark.autofaiss
 def test_infeasible_autofaiss_budget_is_a_clear_error(tmp_path):
     vectors = _unit_vectors(tmp_path / "e.npy", 10_000, 16)
     with pytest.raises(RuntimeError, match=r"raise max_index_memory_usage \(an exact index needs 1m\)"):
