@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="diablogpt-pytorch",
-    packages=find_packages(exclude=["tests", "examples", "benchmarks"]),
+    packages=find_packages(exclude=["tests", "tests.*", "examples", "benchmarks", "benchmarks.*"]),
     version="0.1.0",
     license="MIT",
     description="DIABLOGPT: RETRO, the retrieval-enhanced transformer (Borgeaud et al. 2022), in PyTorch",

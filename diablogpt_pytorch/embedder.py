@@ -41,7 +41,7 @@ ALLOW_DOWNLOAD_ENV_VAR = "DIABLOGPT_ALLOW_DOWNLOAD"
 
 # Default precision of chunk embeddings: "auto" = bf16 (a bf16 copy of the weights) where the
 # device computes bf16 natively (CUDA with bf16, CPUs with AMX-BF16/AVX512-BF16), float32 elsewhere
-# (emulated bf16 is slower than fp32). Measured on real text (benchmarks/bench_database.py, README
+# (emulated bf16 is slower than fp32). Measured on real text (benchmarks/end_to_end/bench_database.py, README
 # "Retrieval database" and docs/database.md): bf16 and fp32 give the same top-2 other-document neighbour set for 98.1%
 # of chunks (the differing ones are near-ties); pass dtype="float32" for fp32 databases.
 DEFAULT_DTYPE = "auto"
@@ -400,7 +400,7 @@ def embed_chunks(chunk_ids, name: Optional[str] = None, device: Union[str, torch
 
 def forward_batch_size(device: Union[str, torch.device] = "cpu") -> int:
     """Default rows per BERT forward: 64 on CPU, where a small batch's activations stay in cache
-    (``benchmarks/bench_database.py --batch-size 256`` measures the alternative), 256 on
+    (``benchmarks/end_to_end/bench_database.py --batch-size 256`` measures the alternative), 256 on
     accelerators."""
     return 64 if torch.device(device).type == "cpu" else 256
 

@@ -20,7 +20,7 @@ def _weight_grad(grad_flat: Tensor, inp: Tensor) -> Tensor:
     bf16 on CPU when in >= 2 out (the feed-forward's output projection, in = 4 out), the transposed
     left operand is copied contiguous first: oneDNN's bf16 matmul is 1.2-1.5x faster then, copy
     included, while for the narrower shapes and in float32 the copy does not pay
-    (``python benchmarks/bench_weight_grad.py``)."""
+    (``python -m benchmarks.micro.bench_weight_grad``)."""
     lhs = grad_flat.t()
     if lhs.device.type == "cpu" and lhs.dtype == torch.bfloat16 and 2 * lhs.shape[0] <= inp.shape[1]:
         lhs = lhs.contiguous()

@@ -28,7 +28,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     for the short non-causal windows in bf16 on CPU when gradients are needed (the neighbour
     self-attention, the encoder's cross-attention and CCA: at most ``_WINDOW_MAX_KEYS`` keys),
     which take :class:`_WindowAttention`: torch's CPU flash-attention backward is slow in bf16
-    at those shapes (``python benchmarks/bench_attention.py``). The long causal decoder attention,
+    at those shapes (``python -m benchmarks.micro.bench_attention``). The long causal decoder attention,
     float32 (where the window way is the slower one: ``--inputs fp32``), CUDA and inference stay
     on SDPA."""
     if not reference_enabled() and _window_rule(q, k, v, is_causal):

@@ -64,14 +64,14 @@ class DIABLOGPT(PretrainedMixin, nn.Module):
             chunked cross-attention (the zero-initialised residual branches of Fixup, Zhang et al.
             2019, and ReZero, Bachlechner et al. 2020). The cross-attention output keeps its
             random initialisation, so retrieval receives gradients from the first step. Measured
-            by ``benchmarks/retrieval_gain.py``: the language model and its use of neighbours both
+            by ``benchmarks/end_to_end/retrieval_gain.py``: the language model and its use of neighbours both
             learn faster. Ignored with ``use_deepnet`` (DeepNet has its own initialisation).
         token_emb_init_std: standard deviation of the token embedding at initialisation (1.0:
             unit scale, as in T5, Raffel et al. 2020). With the residual branches at zero, the
             embedding is all the decoder's stream holds at the start besides the chunked
             cross-attention's output (root-mean-square about 0.3 at random init); at GPT-2's 0.02
             that output drowns the tokens fifteen-fold. Measured by
-            ``benchmarks/retrieval_ablation.py`` (same init seed and data order, 400 steps): 0.02
+            ``benchmarks/end_to_end/retrieval_ablation.py`` (same init seed and data order, 400 steps): 0.02
             / 0.3 / 1.0 gave held-out loss with retrieval on the natural corpus 0.5% worse / 0.7%
             worse / 0.5% better than the same model trained without retrieval, and on the
             near-duplicate corpus 39.7% / 44.5% / 44.6% below the same weights without retrieval.

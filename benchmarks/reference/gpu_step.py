@@ -1,8 +1,8 @@
 """Training-step throughput and MFU on one accelerator (the GPU part of the performance issue).
 
-    python benchmarks/gpu_step.py                      # CUDA, seed config, bf16 autocast, seq 2048
-    python benchmarks/gpu_step.py --batch 8 --steps 20
-    python benchmarks/gpu_step.py --device cpu --seq-len 256 --steps 2    # a smoke run anywhere
+    python -m benchmarks.reference.gpu_step                      # CUDA, seed config, bf16 autocast, seq 2048
+    python -m benchmarks.reference.gpu_step --batch 8 --steps 20
+    python -m benchmarks.reference.gpu_step --device cpu --seq-len 256 --steps 2    # a smoke run anywhere
 
 Times forward + backward + AdamW (the library's ``get_optimizer``, fused where torch has it) under
 ``torch.autocast(device, bfloat16)`` after warm-up steps, with the device synchronised around each
@@ -18,20 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _report import write_atomically  # noqa: E402
-from compare_reference import SEED_ARCHITECTURE, analytic_train_flops  # noqa: E402
-
-from diablogpt_pytorch import DIABLOGPT  # noqa: E402
-from diablogpt_pytorch.training import get_optimizer  # noqa: E402
+from benchmarks.common import RESULTS
+from benchmarks.common.report import write_atomically
+from benchmarks.reference.compare_reference import SEED_ARCHITECTURE, analytic_train_flops
+from diablogpt_pytorch import DIABLOGPT
+from diablogpt_pytorch.training import get_optimizer
 
 
 def sync(device: torch.device) -> None:
@@ -62,7 +58,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--matmul-n", type=int, default=8192)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gpu_step.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "gpu_step.json")
     args = p.parse_args()
 
     device = torch.device(args.device)

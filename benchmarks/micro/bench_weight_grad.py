@@ -1,6 +1,6 @@
 """A linear layer's weight gradient ``g.T @ x`` at the seed config's shapes, bf16 and float32 on CPU.
 
-    python benchmarks/bench_weight_grad.py [--reps 7]
+    python -m benchmarks.micro.bench_weight_grad [--reps 7]
 
 Why ``kernels._common._weight_grad`` copies the transposed gradient into a contiguous tensor first in bf16
 when the layer's input is at least twice as wide as its output: g is (N, out), x is (N, in), and the
@@ -20,7 +20,7 @@ import argparse
 
 import torch
 
-from _timing import alternating_median_ms
+from benchmarks.common.timing import alternating_median_ms
 
 SHAPES = [  # (tokens, out, in)
     (2048, 768, 3072),   # decoder feed-forward output projection

@@ -1,6 +1,6 @@
 """A/B of two revisions of the library: training steps of each in one process, alternating.
 
-    python benchmarks/ab_step.py --old 264438b [--new REV] [--dtype bf16] [--rounds 6] [--preset seed|cpu]
+    python -m benchmarks.reference.ab_step --old 264438b [--new REV] [--dtype bf16] [--rounds 6] [--preset seed|cpu]
 
 Extracts the whole ``diablogpt_pytorch`` package as it is at git revision ``--old`` (and at
 ``--new``, by default the working tree) into a temporary folder with ``git archive``, imports
@@ -32,12 +32,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from _worker import make_batch, make_optimizer, train_step  # noqa: E402
-from compare_reference import SEED_ARCHITECTURE  # noqa: E402
-
-from diablogpt_pytorch.config import CPU  # noqa: E402
+from benchmarks.common import REPO_ROOT as REPO
+from benchmarks.common.worker import make_batch, make_optimizer, train_step
+from benchmarks.reference.compare_reference import SEED_ARCHITECTURE
+from diablogpt_pytorch.config import CPU
 
 SEED_CONFIG = dict(num_tokens=30522, max_seq_len=2048, **SEED_ARCHITECTURE)
 # the CPU preset without its dropout (so that the two versions' losses can match)

@@ -8,8 +8,8 @@ embedding step spends decoding chunks and running BERT's tokenizer on the text, 
 running exactly that formatting (``embedder.format_texts`` of ``tokenizer.decode_batch``) over
 every chunk, divided by the build's seconds.
 
-    python benchmarks/bench_tokenizer.py                 # the default corpus (~465 KB)
-    python benchmarks/bench_tokenizer.py --vocab-size 2048
+    python -m benchmarks.micro.bench_tokenizer                 # the default corpus (~465 KB)
+    python -m benchmarks.micro.bench_tokenizer --vocab-size 2048
 """
 
 from __future__ import annotations

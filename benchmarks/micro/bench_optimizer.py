@@ -1,7 +1,7 @@
 """AdamW step time at the seed config: torch's default CPU AdamW vs the fused kernel that
 ``TrainingWrapper.get_optimizer`` / ``training.get_optimizer`` picks. Alternating, median of 5.
 
-    python benchmarks/bench_optimizer.py
+    python -m benchmarks.micro.bench_optimizer
 """
 
 import statistics

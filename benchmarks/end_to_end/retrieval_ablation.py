@@ -1,8 +1,8 @@
 """One run of an initialisation or optimisation variant on a corpus of ``retrieval_gain.py``.
 
-    HF_HUB_OFFLINE=1 python benchmarks/retrieval_ablation.py --corpus near_duplicate --emb-std 0.02
-    HF_HUB_OFFLINE=1 python benchmarks/retrieval_ablation.py --corpus natural --no-retrieval
-    HF_HUB_OFFLINE=1 python benchmarks/retrieval_ablation.py --steps 1600 --schedule 1600
+    HF_HUB_OFFLINE=1 python -m benchmarks.end_to_end.retrieval_ablation --corpus near_duplicate --emb-std 0.02
+    HF_HUB_OFFLINE=1 python -m benchmarks.end_to_end.retrieval_ablation --corpus natural --no-retrieval
+    HF_HUB_OFFLINE=1 python -m benchmarks.end_to_end.retrieval_ablation --steps 1600 --schedule 1600
 
 The ablations behind the library's initialisation defaults (``zero_init_residual``,
 ``token_emb_init_std``): the main job's CPU configuration (``config.CPU``) built with
@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -37,11 +36,10 @@ from diablogpt_pytorch.config import CPU
 from diablogpt_pytorch.model import ChunkedCrossAttention
 from diablogpt_pytorch.training import StepBatchSampler, get_optimizer, lr_schedule
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _report  # noqa: E402
-from retrieval_gain import CORPORA, build_wrapper, make_corpus  # noqa: E402
+from benchmarks.common import report as _report
+from benchmarks.end_to_end.retrieval_gain import CORPORA, build_wrapper, make_corpus
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("retrieval_ablation")
 
 

@@ -12,8 +12,8 @@ Reports, separately:
 The corpus is Python's own documentation: pydoc topics, then the docstrings of standard-library
 modules (one document per topic / module), written to a temporary folder.
 
-    python benchmarks/bench_database.py                # ~2 MB of text, full database
-    python benchmarks/bench_database.py --mb 1 --subset 1024 --threads 2
+    python -m benchmarks.end_to_end.bench_database                # ~2 MB of text, full database
+    python -m benchmarks.end_to_end.bench_database --mb 1 --subset 1024 --threads 2
 
 ``--scale``: the build's growth with the corpus. Databases of 1x, 4x and 16x a base size of the
 standard library's own sources (``.py`` files under ``sysconfig``'s stdlib) and the pydoc topics,
@@ -26,9 +26,9 @@ memory, from ``/proc/self/status``). The embedding stage embeds every chunk up t
 embedded size's real vectors tiled with small noise (said so in the output). Results go to
 ``benchmarks/results/bench_database_scale.json`` and a BENCHMARKS.md section.
 
-    python benchmarks/bench_database.py --scale --factors 1,4,16 --workdir /tmp/dbscale
-    python benchmarks/bench_database.py --scale --factors 16 --workdir /tmp/dbscale   # one size
-    python benchmarks/bench_database.py --scale --factors 1,4,16 --only neighbours --workdir /tmp/dbscale
+    python -m benchmarks.end_to_end.bench_database --scale --factors 1,4,16 --workdir /tmp/dbscale
+    python -m benchmarks.end_to_end.bench_database --scale --factors 16 --workdir /tmp/dbscale   # one size
+    python -m benchmarks.end_to_end.bench_database --scale --factors 1,4,16 --only neighbours --workdir /tmp/dbscale
 
 On one core of a 2-core AMD EPYC the three sizes take about 1.5, 4.5 and 3.5 minutes (the 4x
 embedding is 3.5 of them); each run merges its sizes into the JSON, and 16x needs the 4x
@@ -59,7 +59,7 @@ from diablogpt_pytorch import embedder as emb  # noqa: E402
 from diablogpt_pytorch import index as idx  # noqa: E402
 from diablogpt_pytorch import retrieval  # noqa: E402
 
-from _report import write_atomically  # noqa: E402  (benchmarks/ is this script's directory)
+from benchmarks.common.report import write_atomically  # noqa: E402
 
 
 def write_corpus(folder: Path, megabytes: float) -> tuple[int, int]:
@@ -268,7 +268,7 @@ def main() -> None:
 
 # ----------------------------------------------------------------------------- --scale
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCALE_JSON = REPO / "benchmarks" / "results" / "bench_database_scale.json"
 STAGES = ("chunking", "embedding", "index", "neighbours")
 #: approximate indexes measured (faiss factory strings; "{nlist}" = 4 * sqrt(N) inverted lists)
@@ -786,7 +786,7 @@ def scale_main(args) -> None:
     import platform
     import sys
 
-    from _report import run_identity, write_section
+    from benchmarks.common.report import run_identity, write_section
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dbscale-"))
@@ -799,7 +799,7 @@ def scale_main(args) -> None:
         res = scale_one(workdir, factor, args, prev)
         commit, cpu = run_identity(REPO)
         res["runs"] = ((prev or {}).get("runs", []) if args.only else []) + [{
-            "command": "python benchmarks/bench_database.py " + " ".join(sys.argv[1:]),
+            "command": "python -m benchmarks.end_to_end.bench_database " + " ".join(sys.argv[1:]),
             "stages": args.only or ",".join(STAGES), "commit": commit,
             "when_utc": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
             "load_average": round(os.getloadavg()[0], 1)}]
@@ -807,7 +807,7 @@ def scale_main(args) -> None:
         results.update(
             commit=commit, cpu=cpu, threads=torch.get_num_threads(), k=args.knn,
             python=platform.python_version(), base_mb=args.base_mb,
-            command="python benchmarks/bench_database.py " + " ".join(sys.argv[1:]),
+            command="python -m benchmarks.end_to_end.bench_database " + " ".join(sys.argv[1:]),
             when_utc=datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
             load_average=round(os.getloadavg()[0], 1), search_params=SEARCH_PARAMS,
             tile_noise=TILE_NOISE)

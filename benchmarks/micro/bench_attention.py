@@ -1,6 +1,6 @@
 """Attention forward + backward at the model's shapes on CPU: the ways bf16 training could run it.
 
-    python benchmarks/bench_attention.py [--reps 5] [--inputs fp32]
+    python -m benchmarks.micro.bench_attention [--reps 5] [--inputs fp32]
 
 Why ``kernels.attention`` sends the short non-causal windows to ``_WindowAttention`` under bf16
 autocast on CPU, and leaves the long causal decoder attention on torch's flash attention. For each
@@ -22,16 +22,12 @@ against ``window fp32``), the case ``kernels.attention`` leaves on SDPA.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diablogpt_pytorch.kernels.window_attention import _WindowAttention  # noqa: E402
-
-from _timing import alternating_median_ms  # noqa: E402
+from benchmarks.common.timing import alternating_median_ms
+from diablogpt_pytorch.kernels.window_attention import _WindowAttention
 
 SHAPES = {  # name: (batch, query length, key length, causal, padding mask)
     "decoder self-attention (causal)": (1, 2048, 2048, True, False),

@@ -11,8 +11,8 @@ default corpus with the offline embedder. Both loops generate greedily with iden
   costs with/without retrieval.
 
 Usage:
-    HF_HUB_OFFLINE=1 python benchmarks/bench_generation.py            # both configurations
-    HF_HUB_OFFLINE=1 python benchmarks/bench_generation.py --only small --tokens 512 --naive full
+    HF_HUB_OFFLINE=1 python -m benchmarks.end_to_end.bench_generation            # both configurations
+    HF_HUB_OFFLINE=1 python -m benchmarks.end_to_end.bench_generation --only small --tokens 512 --naive full
 
 The full-recompute loop is quadratic in the length (hours at 2048 tokens on 2 cores), so by
 default it runs for its first --calibrate tokens only (output checked against the cached loop)
@@ -40,7 +40,7 @@ from diablogpt_pytorch.corpus import write_default_corpus
 from diablogpt_pytorch.generation import generate
 from diablogpt_pytorch.retrieval import Retriever, chunks_to_precalculated_knn_, text_folder_to_chunks_
 
-from _report import write_atomically  # benchmarks/ is this script's directory
+from benchmarks.common.report import write_atomically
 
 CONFIGS = {
     # name: (model kwargs, tokens to generate)
@@ -173,7 +173,7 @@ def main() -> None:
                              "--calibrate tokens and estimate the rest from sampled per-step costs "
                              "(sampled, default), or skip it")
     parser.add_argument("--calibrate", type=int, default=192, help="tokens of the measured head (sampled mode)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "generation.json"))
+    parser.add_argument("--out", default=str(Path(__file__).parents[1] / "results" / "generation.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,14 +1,15 @@
-"""One measurement, in a fresh process, for ``compare_reference.py``.
+"""One measurement, in a fresh process, for ``benchmarks.reference.compare_reference``.
 
 Run by the orchestrator with the interpreter of the library being measured (ours: this repo's
 venv; the reference: ``benchmarks/.ref_venv``)::
 
-    python benchmarks/_worker.py '<json task>' <result.json>
+    python benchmarks/common/worker.py '<json task>' <result.json>
+    python benchmarks/common/worker.py --serve '<json task>'   # ab_step's step server
 
 The task's ``kind`` picks the measurement (``train``, ``profile``, ``matmul``, ``flops``,
 ``generate``, ``database``); the result is written as JSON to ``<result.json>``. This file imports
-only torch and numpy at the top, so it runs in both venvs; each library is imported inside the
-function that measures it. Nothing here is timed across process boundaries: every number is taken
+only torch and numpy at the top and nothing from ``benchmarks``, so it runs by path in both venvs;
+each library is imported inside the function that measures it. Nothing here is timed across process boundaries: every number is taken
 inside this process, and peak memory is this process's RSS high-water mark
 (``resource.getrusage(...).ru_maxrss``), so each measurement gets a process of its own.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def peak_rss_bytes() -> int:
@@ -372,7 +373,42 @@ TASKS = {"train": task_train, "profile": task_profile, "flops": task_flops,
          "matmul": task_matmul, "generate": task_generate, "database": task_database}
 
 
+def serve_steps(t: dict) -> None:
+    """``--serve``: one revision's side of ``benchmarks.reference.ab_step``. Builds the model of
+    the package at ``t['src']`` (from ``t['seed']``; config keys its ``DIABLOGPT`` does not accept
+    are dropped: an older revision runs with its own initialisation), its optimizer and the batch,
+    answers ``{"ready": ...}``, then times one training step per ``step`` line read from stdin.
+    Answers are the stdout lines that start with ``AB ``; the timing is taken in this process."""
+    import inspect
+
+    def reply(obj: dict) -> None:
+        print("AB " + json.dumps(obj), flush=True)
+
+    torch.set_num_threads(t.get("threads") or torch.get_num_threads())
+    use_ours_source(t["src"])
+    import diablogpt_pytorch
+    from diablogpt_pytorch import DIABLOGPT
+
+    accepted = inspect.signature(DIABLOGPT.__init__).parameters
+    torch.manual_seed(t["seed"])
+    model = DIABLOGPT(**{k: v for k, v in t["cfg"].items() if k in accepted}).train()
+    opt = make_optimizer("ours", model)
+    seq, retrieved = make_batch(t["cfg"], batch=1, k=t["k"], seed=t["seed"] + 1)
+    reply({"ready": True, "package": diablogpt_pytorch.__file__, "torch": torch.__version__,
+           "threads": torch.get_num_threads()})
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        gc.collect()
+        t0 = time.perf_counter()
+        loss = train_step(model, opt, seq, retrieved, t["dtype"])
+        reply({"s": time.perf_counter() - t0, "loss": loss})
+
+
 def main() -> None:
+    if sys.argv[1] == "--serve":
+        serve_steps(json.loads(sys.argv[2]))
+        return
     task = json.loads(sys.argv[1])
     if task.get("src") and isinstance(task.get("cfg"), dict):
         task["cfg"] = {**task["cfg"], "_src": task["src"]}

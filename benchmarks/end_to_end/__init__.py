@@ -1,0 +1,1 @@
+"""End-to-end benchmarks: database build, generation, retrieval gain, retro-fitting."""

@@ -1,0 +1,1 @@
+"""Micro benchmarks: single ops and kernels, timed in one process, alternating."""

@@ -1,0 +1,1 @@
+"""Benchmarks against a reference: RETRO-pytorch, another git revision, a GPU step."""
