@@ -6,4 +6,3 @@ from pathlib import Path
 BENCH_ROOT = Path(__file__).resolve().parents[1]
 REPO_ROOT = BENCH_ROOT.parent
 RESULTS = BENCH_ROOT / "results"  # every committed result
-WORK = BENCH_ROOT / "_work"  # scratch (git-ignored)
