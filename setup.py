@@ -8,8 +8,9 @@ setup(
     description="DIABLOGPT: RETRO, the retrieval-enhanced transformer (Borgeaud et al. 2022), in PyTorch",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    # transformers 5 and numpy 2.3+ need Python 3.10+ / 3.11+; 3.10 is the oldest the required
-    # set below still resolves on (pip then picks numpy 2.2, the last release for 3.10)
+    # transformers 5.0 needs Python 3.10+ (its newest releases, numpy 2.3+ and pyarrow 26 need
+    # 3.11+): 3.10 is the oldest the required set below resolves on, where pip picks numpy 2.2.6,
+    # transformers 5.20.2 and pyarrow 25 (checked with pip install --dry-run)
     python_requires=">=3.10",
     install_requires=[
         # 2.4 is the first with the device-generic autocast queries the model uses
