@@ -310,25 +310,25 @@ def _next_token_column(chunks: np.ndarray, pad: int) -> None:
     chunks[-1, C] = pad
 
 
-def _index_for(state: _State, index, vectors: np.ndarray, *, reset: bool):
+def _index_for(index_path: Path, index, vectors: np.ndarray, *, reset: bool):
     """``index`` with ``vectors`` added (after emptying it when ``reset``); clear errors for an
     index that cannot take them."""
     import faiss
 
     if not index.is_trained:
-        raise ValueError(f"{state.paths['index']} is not trained: rebuild the database")
+        raise ValueError(f"{index_path} is not trained: rebuild the database")
     if reset:
         index = faiss.clone_index(index)
         try:
             index.reset()
         except RuntimeError as err:
-            raise ValueError(f"the {type(index).__name__} index {state.paths['index']} cannot be "
+            raise ValueError(f"the {type(index).__name__} index {index_path} cannot be "
                              f"emptied to drop vectors ({err}): rebuild the database without the "
                              "documents instead") from err
     try:
         index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     except RuntimeError as err:
-        raise ValueError(f"the {type(index).__name__} index {state.paths['index']} cannot be added "
+        raise ValueError(f"the {type(index).__name__} index {index_path} cannot be added "
                          f"to ({err}): rebuild the database with the new documents instead") from err
     return index
 
@@ -426,7 +426,8 @@ def add_documents(database: Union[PathLike, Database], documents, *, glob: str =
         embeddings.flush()
 
         # --- index: the new vectors added
-        index = _index_for(s, idx.read_index(s.paths["index"]), embeddings[N:], reset=False)
+        index = _index_for(s.paths["index"], idx.read_index(s.paths["index"]), embeddings[N:],
+                           reset=False)
         _write_index(index, update.tmp("index", s.paths["index"]))
 
         # --- neighbours: the new chunks' (every chunk's with refresh_neighbours)
@@ -559,7 +560,8 @@ def remove_documents(database: Union[PathLike, Database], documents: Iterable[Un
         for start in range(0, total, 65536):
             embeddings[start:start + 65536] = old_emb[kept[start:start + 65536]]
         embeddings.flush()
-        index = _index_for(s, idx.read_index(s.paths["index"]), embeddings, reset=True)
+        index = _index_for(s.paths["index"], idx.read_index(s.paths["index"]), embeddings,
+                           reset=True)
         _write_index(index, update.tmp("index", s.paths["index"]))
 
         # neighbours: renumber, and search again where a neighbour is gone or the exclusions moved

@@ -231,3 +231,28 @@ def test_the_held_out_neighbours_follow_the_update(corpus, tmp_path):
     got = np.fromfile(db.path("knn", "valid"), dtype=np.int32)
     assert got.max() < wrapper.train_stats["chunks"]
     assert db.dataset("valid")[0][1].shape[-2] == K
+
+
+def test_approximate_indexes_take_new_vectors_with_their_training(tmp_path):
+    import faiss
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((600, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ivf = faiss.index_factory(16, "IVF8,Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(vectors[:400])
+    ivf.add(vectors[:400])
+    ivf.nprobe = 8  # every list: exact within the index, so the check below is deterministic
+    path = tmp_path / "x.index"
+    grown = update._index_for(path, ivf, vectors[400:], reset=False)
+    assert grown.ntotal == 600
+    assert grown.search(vectors[450:452], 1)[1][:, 0].tolist() == [450, 451]
+    # removal keeps the trained quantizer and re-adds the kept vectors, renumbered
+    kept = np.concatenate([vectors[:100], vectors[300:]])
+    shrunk = update._index_for(path, grown, kept, reset=True)
+    assert shrunk.ntotal == 400 and grown.ntotal == 600 and shrunk.is_trained
+    assert shrunk.search(vectors[300:302], 1)[1][:, 0].tolist() == [100, 101]
+    with pytest.raises(ValueError, match="x.index is not trained: rebuild"):
+        update._index_for(path, faiss.index_factory(16, "IVF8,Flat"), vectors, reset=False)
+    with pytest.raises(ValueError, match="IndexIDMap index .*x.index cannot be added to"):
+        update._index_for(path, faiss.IndexIDMap(faiss.IndexFlatIP(16)), vectors, reset=False)
