@@ -118,15 +118,16 @@ class _State:
         return np.asarray(retrieval.open_doc_ids(self.paths["doc_ids"], self.N), dtype=np.int64)
 
 
-def _document_hashes(chunks: np.ndarray, doc_ids: np.ndarray, C: int) -> dict[str, int]:
-    """{digest of a document's chunk tokens: document id}: what identifies a document's contents
-    as the LM tokenizer reads them (a new document with the same tokens is the same document)."""
-    out = {}
+def _document_hashes(chunks: np.ndarray, doc_ids: np.ndarray, C: int) -> dict[str, list[int]]:
+    """{digest of a document's chunk tokens: its document ids}: what identifies a document's
+    contents as the LM tokenizer reads them (a new document with the same tokens is the same
+    document; a lossy tokenizer maps texts differing in case or spacing to the same tokens)."""
+    out: dict[str, list[int]] = {}
     bounds = np.flatnonzero(np.diff(doc_ids)) + 1
     starts = np.concatenate([[0], bounds]).astype(np.int64)
     stops = np.concatenate([bounds, [len(doc_ids)]]).astype(np.int64)
     for a, b in zip(starts, stops):
-        out.setdefault(_rows_digest(np.asarray(chunks[a:b, :C])), int(doc_ids[a]))
+        out.setdefault(_rows_digest(np.asarray(chunks[a:b, :C])), []).append(int(doc_ids[a]))
     return out
 
 
@@ -385,13 +386,13 @@ def add_documents(database: Union[PathLike, Database], documents, *, glob: str =
                     if duplicates == "error":
                         raise ValueError(
                             f"{label} is already in the database {str(s.db.folder)!r} (document "
-                            f"{known[digest]} has the same tokens): leave it out, or pass "
+                            f"{known[digest][0]} has the same tokens): leave it out, or pass "
                             "duplicates='skip'")
                     logger.info("%s: already in the database as document %d, skipped", label,
-                                known[digest])
+                                known[digest][0])
                     skipped.append(str(label))
                     continue
-                known[digest] = num_docs + len(new_docs)
+                known[digest] = [num_docs + len(new_docs)]
                 new_rows.append(rows)
                 new_docs.append(np.full(len(rows), num_docs + len(new_docs), dtype=np.int32))
         if not new_rows:
@@ -488,8 +489,8 @@ def remove_documents(database: Union[PathLike, Database], documents: Iterable[Un
 
     Args:
         database: the database folder, its manifest, or a :class:`Database`.
-        documents: document ids (ints, as in the doc_ids file) and/or text files, each of which
-            identifies the document with the same tokens (an error names a file matching none).
+        documents: document ids (ints, as in the doc_ids file) and/or text files; a file
+            identifies every document with its tokens (an error names a file matching none).
 
     Chunk and document ids are renumbered in order (as a build without those documents numbers
     them). A chunk whose neighbours included a removed chunk, or whose training sequence now
@@ -525,7 +526,7 @@ def remove_documents(database: Union[PathLike, Database], documents: Iterable[Un
             raise ValueError(f"{path} matches no document of the database {str(s.db.folder)!r} "
                              "(no document has its tokens): pass the file that was added, or "
                              "the document id")
-        targets.add(hashes[digest])
+        targets.update(hashes[digest])
     if not targets:
         raise ValueError("no document to remove: pass document ids or files")
     if len(targets) >= num_docs:
