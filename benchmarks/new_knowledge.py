@@ -106,12 +106,14 @@ def section(payload: dict) -> str:
         "`benchmarks/results/new_knowledge.json`). The `near_duplicate` corpus of "
         "`retrieval_gain.py` (every document twice, as it is and re-wrapped); the copies of the "
         "held-out documents (training documents with their tokens) are removed from the database (`remove_documents`), the main job's "
-        "CPU model trains with retrieval on it, then the twins are added back (`add_documents`) "
+        "CPU model trains with retrieval on it, then the copies are added back (`add_documents`; copies with identical tokens once) "
         "and the held-out loss is measured again with the same weights. `full build`: "
         "`TrainingWrapper` building the whole database (train and held-out neighbours) from "
         "nothing; `add`: `add_documents` (only the new chunks embedded; the held-out "
         "neighbours searched again). `twins`: share of held-out chunks whose next chunk is "
-        "(90% of its tokens) in the retrieved neighbours and continuations.",
+        "(90% of its tokens) in the retrieved neighbours and continuations. 120 steps by default "
+        "(`retrieval_gain.py` runs 400) keep the run near 8 minutes on one thread of the shared "
+        "2-core machine; the model is less trained, so its gain is smaller.",
         "",
         "| when | commit | CPU | steps | held-out docs / copies / added | chunks added / total | "
         "full build | add | loss with retrieval before -> after | without retrieval | "
