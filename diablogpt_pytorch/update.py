@@ -51,7 +51,7 @@ import torch
 from diablogpt_pytorch import embedder as emb
 from diablogpt_pytorch import index as idx
 from diablogpt_pytorch import retrieval
-from diablogpt_pytorch._io import atomic_path, meta_path, tmp_path, trusted_meta, write_meta
+from diablogpt_pytorch._io import atomic_path, tmp_path, trusted_meta, write_meta
 from diablogpt_pytorch.database import MANIFEST_NAME, Database, _entry
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,8 @@ def _search(state: _State, index, embeddings: np.ndarray, doc_ids: np.ndarray,
             excl = retrieval.sequence_documents_window(seq_starts, doc_ids, cps, start, stop)
             excl = excl[sel - start]
         ids, _ = idx.search_excluding(
-            index, np.asarray(embeddings[sel]), state.K, num_extra=int(inputs["num_extra_neighbors"]),
+            index, np.asarray(embeddings[sel]), state.K,
+            num_extra=int(inputs["num_extra_neighbors"]),
             self_ids=sel, query_doc_ids=doc_ids[sel], doc_ids=doc_ids,
             max_k=int(inputs["max_search_k"]), exclude_doc_ids=excl)
         knn[sel] = ids
@@ -330,7 +331,8 @@ def _index_for(index_path: Path, index, vectors: np.ndarray, *, reset: bool):
         index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     except RuntimeError as err:
         raise ValueError(f"the {type(index).__name__} index {index_path} cannot be added "
-                         f"to ({err}): rebuild the database with the new documents instead") from err
+                         f"to ({err}): rebuild the database with the new documents "
+                         "instead") from err
     return index
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diablogpt_pytorch import DIABLOGPT, TrainingWrapper, add_documents, remove_documents
+from diablogpt_pytorch import embedder as emb
 from diablogpt_pytorch import retrieval, update
 from diablogpt_pytorch._io import trusted_meta
 from diablogpt_pytorch.corpus import default_corpus_documents
@@ -41,7 +42,8 @@ def corpus(tmp_path_factory):
     texts.update({f"b_{i:02d}.txt": t[:1200] for i, (_, t) in enumerate(docs[12:])})
     folders = {"A": [n for n in texts if n.startswith("a_")],
                "B": [n for n in texts if n.startswith("b_")],
-               "AB": list(texts), "A-3": [n for n in texts if n.startswith("a_") and n != "a_03.txt"]}
+               "AB": list(texts),
+               "A-3": [n for n in texts if n.startswith("a_") and n != "a_03.txt"]}
     for name, members in folders.items():
         (root / name).mkdir()
         for n in members:
@@ -73,7 +75,8 @@ def _assert_same_neighbours(got, want, embeddings, queries=None):
     for row, slot in differ:
         assert got[row, slot] >= 0 and want[row, slot] >= 0, (row, got[row], want[row])
         score = lambda j: float(queries[row] @ embeddings[j])  # noqa: E731
-        assert abs(score(got[row, slot]) - score(want[row, slot])) < 1e-4, (row, got[row], want[row])
+        assert abs(score(got[row, slot]) - score(want[row, slot])) < 1e-4, (row, got[row],
+                                                                            want[row])
     assert len(differ) <= max(2, got.size // 50)
 
 
@@ -112,7 +115,7 @@ def test_add_with_refresh_equals_a_full_rebuild(corpus, tmp_path):
     assert db.counts() == Database.open(corpus / "db_AB").counts()
     assert db.manifest["updates"][0]["added"] == 6
     retriever = db.retriever()
-    assert retriever.num_chunks == len(want["chunks"]) and retriever.index.ntotal == len(want["chunks"])
+    assert retriever.num_chunks == retriever.index.ntotal == len(want["chunks"])
     # a new document's chunk retrieves its own text from the database, found by its tokens
     new_chunk = torch.from_numpy(want["chunks"][-3:-2, :C].astype(np.int64))
     ids, _ = retriever.search(new_chunk, 1)
@@ -212,15 +215,10 @@ def test_the_held_out_neighbours_follow_the_update(corpus, tmp_path):
         K, n_valid, C, db.path("chunks", "valid"), db.path("chunks"), knn_path=tmp_path / "q.dat",
         embedder=db.embedder, tokenizer=db.tokenizer())
     want = np.fromfile(fresh, dtype=np.int32).reshape(n_valid, K)
-    embeddings = np.load(db.path("embeddings"))
-    queries = np.stack([embeddings[0]] * n_valid)  # placeholder rows when ids agree
-    if not np.array_equal(got, want):
-        from diablogpt_pytorch import embedder as emb
-
-        chunks = retrieval.open_chunks(db.path("chunks", "valid"), n_valid, C)
-        queries = emb.embed_chunks(torch.from_numpy(np.array(chunks[:, :C])), db.embedder,
-                                   dtype="float32", normalize=True, tokenizer=db.tokenizer()).numpy()
-    _assert_same_neighbours(got, want, embeddings, queries)
+    chunks = retrieval.open_chunks(db.path("chunks", "valid"), n_valid, C)
+    queries = emb.embed_chunks(torch.from_numpy(np.array(chunks[:, :C])), db.embedder,
+                               dtype="float32", normalize=True, tokenizer=db.tokenizer())
+    _assert_same_neighbours(got, want, np.load(db.path("embeddings")), queries.numpy())
     mtime = db.path("knn", "valid").stat().st_mtime_ns
     retrieval.query_chunks_to_knn_(K, n_valid, C, db.path("chunks", "valid"), db.path("chunks"),
                                    embedder=db.embedder, tokenizer=db.tokenizer())
