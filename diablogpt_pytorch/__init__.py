@@ -8,6 +8,8 @@ from diablogpt_pytorch.model import DIABLOGPT
 from diablogpt_pytorch.data import DIABLOGPTDataset
 from diablogpt_pytorch.training import TrainingWrapper
 from diablogpt_pytorch.retrofit import RetroFitted
+from diablogpt_pytorch.update import add_documents, remove_documents
 
-__all__ = ["DIABLOGPT", "DIABLOGPTDataset", "TrainingWrapper", "RetroFitted"]
+__all__ = ["DIABLOGPT", "DIABLOGPTDataset", "TrainingWrapper", "RetroFitted", "add_documents",
+           "remove_documents"]
 __version__ = "0.1.0"

@@ -152,6 +152,10 @@ class Database:
         if manifest.get("version") != VERSION:
             raise ValueError(f"{str(path)!r} has manifest version {manifest.get('version')}, this "
                              f"library reads version {VERSION}: rebuild the database")
+        if manifest.get("update_in_progress"):  # diablogpt_pytorch.update's commit mark
+            raise ValueError(f"{str(path)!r}: an update of the database (add_documents / "
+                             "remove_documents) was interrupted while its files were being "
+                             "replaced: rebuild the database")
         db = cls(path.parent, manifest)
         for split in manifest["splits"]:
             for name in manifest["splits"][split]["files"]:
