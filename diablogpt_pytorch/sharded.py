@@ -44,13 +44,14 @@ reused only when its sidecar matches.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -59,7 +60,8 @@ from tqdm.auto import tqdm
 from diablogpt_pytorch import distributed as D
 from diablogpt_pytorch import index as idx
 from diablogpt_pytorch import retrieval as R
-from diablogpt_pytorch._io import atomic_path, meta_path, write_meta
+from diablogpt_pytorch._io import (atomic_path, meta_path, reprocess_requested, trusted_meta,
+                                   write_meta)
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +121,70 @@ class _ShardRows:
                                for part, a, b in self.parts if a < hi and lo < b])
 
 
+def _same(recorded: Any, wanted: Any) -> bool:
+    return recorded == json.loads(json.dumps(wanted, sort_keys=True))
+
+
+def reusable_knn(
+        num_nearest_neighbors: int, num_chunks: int, chunk_size: int,
+        chunk_memmap_path: PathLike, doc_ids_memmap_path: PathLike, *,
+        num_extra_neighbors: int = 10, use_cls_repr: bool = False,
+        index_file: Optional[PathLike] = None, max_index_memory_usage: Union[str, int] = "100m",
+        current_memory_available: Union[str, int] = "1G", max_search_k: int = 4096,
+        embedder: Optional[str] = None, device: Union[str, torch.device] = "cpu", dtype=None,
+        force_reprocess: bool = False, seqs_memmap_path: Optional[PathLike] = None,
+        num_seqs: Optional[int] = None, seq_len: Optional[int] = None, tokenizer=None,
+        **_: Any) -> Optional[tuple[Path, Path]]:
+    """(knn_path, index_path) when the knn file, its index and the embeddings the index was built
+    from are on disk and current for these chunks and arguments, whichever build made them (one
+    process: ``<stem>.emb.npy``; ranks: the shards); else None. Builds nothing: it lets a
+    database built by one process serve ``torchrun`` ranks and the reverse. Arguments as
+    :func:`sharded_chunks_to_precalculated_knn_` (batch sizes do not change the result)."""
+    if force_reprocess or reprocess_requested():
+        return None
+    chunk_memmap_path = Path(chunk_memmap_path)
+    index_path = Path(index_file) if index_file is not None else R.index_path_for(chunk_memmap_path)
+    knn_path = R.knn_path_for(chunk_memmap_path)
+    try:
+        knn_meta, _ = trusted_meta(knn_path)
+        index_meta, _ = trusted_meta(index_path)
+        if knn_meta is None or index_meta is None or not _same(knn_meta.get("inputs"), R.knn_inputs(
+                index_path, doc_ids_memmap_path, num_chunks, num_nearest_neighbors,
+                num_extra_neighbors, max_search_k, seqs_memmap_path=seqs_memmap_path,
+                seq_len=seq_len)):
+            return None
+        built = index_meta.get("inputs") or {}
+        lm = R.lm_tokenizer(tokenizer, embedder, path=R.tokenizer_path_for(chunk_memmap_path))
+        wanted = {"num_chunks": num_chunks, "chunk_size": chunk_size,
+                  **R.embedding_settings(embedder, use_cls_repr, dtype, device, lm),
+                  "exact": idx.flat_index_bytes(num_chunks, R.emb.hidden_size(embedder))
+                  <= idx.parse_memory(max_index_memory_usage)}
+        if not wanted["exact"]:
+            wanted.update(max_index_memory_usage=str(max_index_memory_usage),
+                          current_memory_available=str(current_memory_available))
+        if any(not _same(built.get(k), v) for k, v in wanted.items()):
+            return None
+        if "embeddings" in built:
+            sources = [R.embeddings_path_for(chunk_memmap_path)]
+            if not _same(built["embeddings"], R.fingerprint(sources[0])):
+                return None
+        else:
+            sources = sorted(shards_dir_for(chunk_memmap_path).glob("emb-*-of-*.npy"))
+            if not sources or not _same(built.get("embedding_shards"),
+                                        [R.fingerprint(p) for p in sources]):
+                return None
+        chunks = R.fingerprint(chunk_memmap_path)
+        for p in sources:
+            meta, _ = trusted_meta(p)
+            if meta is None or not _same(meta["inputs"].get("chunks"), chunks):
+                return None
+    except (OSError, KeyError, ValueError):
+        return None
+    logger.info("reusing knn %s and index %s (current for these chunks, built by %s)", knn_path,
+                index_path, "one process" if "embeddings" in built else "several ranks")
+    return knn_path, index_path
+
+
 def sharded_chunks_to_precalculated_knn_(
         num_nearest_neighbors: int, num_chunks: int, chunk_size: int,
         chunk_memmap_path: PathLike, doc_ids_memmap_path: PathLike, *,
@@ -160,6 +226,22 @@ def sharded_chunks_to_precalculated_knn_(
     search_ranges = _nonempty_ranges(num_chunks, world, knn_batch_size)
     shards = [(shard_dir / _shard_name(r, world, "emb", ".npy"), a, b) for r, a, b in embed_ranges]
     start, stop = D.shard_range(num_chunks, rank, world, chunks_to_embeddings_batch_size)
+
+    # 0. a database on disk already current (whichever build made it) is reused as it is
+    reused = None
+    with D.main_process_first("checking the database on disk") as main:
+        if main:
+            reused = reusable_knn(
+                num_nearest_neighbors, num_chunks, chunk_size, chunk_memmap_path,
+                doc_ids_memmap_path, num_extra_neighbors=num_extra_neighbors,
+                use_cls_repr=use_cls_repr, index_file=index_file,
+                max_index_memory_usage=max_index_memory_usage,
+                current_memory_available=current_memory_available, max_search_k=max_search_k,
+                embedder=embedder, device=device, dtype=dtype, force_reprocess=force_reprocess,
+                seqs_memmap_path=seqs_memmap_path, num_seqs=num_seqs, seq_len=seq_len,
+                tokenizer=tokenizer)
+    if D.broadcast_object(reused is not None, what="sharing the reuse decision"):
+        return knn_path, index_path
 
     # 1. every rank embeds its own range into its own shard
     with D.all_ranks("embedding shards"):

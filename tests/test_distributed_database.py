@@ -103,14 +103,23 @@ def test_two_rank_sharded_build_equals_single_process_build(tmp_path, one_thread
     found = retrieval.Retriever(sharded / FILES[0], sharded / FILES[1]).search(queries, K)[0]
     assert torch.equal(found, expect)
 
-    # a second call on 1 process with the same files reuses nothing of another layout silently:
-    # the shards of 2 ranks are replaced by one shard and the knn file comes out the same
-    from diablogpt_pytorch.sharded import sharded_chunks_to_precalculated_knn_
+    # one process reuses the 2-rank build while it is current (nothing rewritten); rebuilt, the
+    # shards of 2 ranks are replaced by one shard and the knn file comes out the same
+    from diablogpt_pytorch.sharded import reusable_knn, sharded_chunks_to_precalculated_knn_
 
+    before = {p: p.stat().st_mtime_ns for p in sharded.rglob("*")}
+    assert reusable_knn(**build_args(sharded, stats)) is not None
     path, _ = sharded_chunks_to_precalculated_knn_(**build_args(sharded, stats))
+    assert {p: p.stat().st_mtime_ns for p in sharded.rglob("*")} == before
+    path, _ = sharded_chunks_to_precalculated_knn_(**build_args(sharded, stats),
+                                                   force_reprocess=True)
     assert path.read_bytes() == knn_path.read_bytes()
     assert [p.name for p in sorted((sharded / "db.chunks.emb.shards").glob("*.npy"))] == [
         "emb-00000-of-00001.npy"]
+    # and the single-process build is reusable as it is, by ranks too; not once its chunks change
+    assert reusable_knn(**build_args(single, stats)) is not None
+    assert reusable_knn(**build_args(single, {**stats, "chunks": n - 1})) is None
+    assert reusable_knn(**{**build_args(single, stats), "num_extra_neighbors": 2}) is None
 
 
 def test_autofaiss_index_reads_the_shard_folder_in_rank_order(tmp_path):
