@@ -5,7 +5,8 @@ The documents matching a glob are split deterministically into a training part a
 (:func:`split_documents`, by a hash of each document's path relative to the folder, so the split
 does not depend on listing order). :func:`build_split_files` turns a split into its
 chunks/seqs/doc_ids memmaps and knn file: the training split through the embeddings, index and
-neighbour search of :mod:`diablogpt_pytorch.retrieval`; the held-out
+neighbour search of :mod:`diablogpt_pytorch.retrieval` (under ``torchrun``, every rank its share:
+:mod:`diablogpt_pytorch.sharded`); the held-out
 split's neighbours are searched in the *training* index (a held-out chunk never retrieves itself
 or its own document, which is not in the index). Held-out files carry ``.valid`` before the suffix
 (:func:`held_out_path`). :func:`open_split` opens a built split as a

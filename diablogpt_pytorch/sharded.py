@@ -134,12 +134,14 @@ def reusable_knn(
         embedder: Optional[str] = None, device: Union[str, torch.device] = "cpu", dtype=None,
         force_reprocess: bool = False, seqs_memmap_path: Optional[PathLike] = None,
         num_seqs: Optional[int] = None, seq_len: Optional[int] = None, tokenizer=None,
-        **_: Any) -> Optional[tuple[Path, Path]]:
+        chunks_to_embeddings_batch_size: int = 256, knn_batch_size: int = 4096,
+        embed_dim: Optional[int] = None) -> Optional[tuple[Path, Path]]:
     """(knn_path, index_path) when the knn file, its index and the embeddings the index was built
     from are on disk and current for these chunks and arguments, whichever build made them (one
     process: ``<stem>.emb.npy``; ranks: the shards); else None. Builds nothing: it lets a
     database built by one process serve ``torchrun`` ranks and the reverse. Arguments as
-    :func:`sharded_chunks_to_precalculated_knn_` (batch sizes do not change the result)."""
+    :func:`sharded_chunks_to_precalculated_knn_` (the batch sizes and ``embed_dim`` do not change
+    the result and are not compared)."""
     if force_reprocess or reprocess_requested():
         return None
     chunk_memmap_path = Path(chunk_memmap_path)
