@@ -9,6 +9,14 @@ Public functions (the seed's names; extra keyword arguments are ours):
 - :func:`query_chunks_to_knn_`: neighbours in the database for chunks of other documents.
 - :class:`Retriever`: generation-time lookup, built from the files on disk alone.
 
+The stages those functions run, public so that the ``torchrun`` build
+(:mod:`diablogpt_pytorch.sharded`) runs the same code on each rank's range:
+:func:`embed_chunks_file_` (chunks -> a ``.npy`` of embeddings, any range), :func:`search_neighbours`
+(one batch of queries: search, exclusions, ranking) and its loop :func:`search_neighbours_range_`,
+:func:`sequence_starts`, :func:`knn_inputs` and :func:`record_knn_` (the knn file's sidecar), and
+the provenance helpers :func:`fingerprint`, :func:`cached_meta`, :func:`lm_tokenizer`,
+:func:`embedding_settings`, :func:`check_embedder_matches_chunks`, :func:`embed_memmap`.
+
 File formats: for ``train.chunks.dat`` with chunk size C,
 
 - ``train.chunks.dat``   int32 (num_chunks, C+1) raw memmap: a chunk's C tokens + the first token
@@ -496,6 +504,8 @@ def sequence_documents_window(sorted_seq_starts: np.ndarray, doc_ids: np.ndarray
 
 
 def embedding_settings(embedder: Optional[str], use_cls_repr: bool, dtype, device, lm) -> dict[str, Any]:
+    """How chunks are embedded (embedder identity and name, LM tokenizer, pooling, precision), as
+    the embeddings' and the index's sidecars record it and queries must repeat it."""
     settings = {"embedder": emb.embedder_identity(embedder), "embedder_name": emb.resolve_embedder(embedder),
                 # how chunk ids become the embedder's input: the LM tokenizer decodes them
                 "tokenizer": lm.identity(),
@@ -509,6 +519,8 @@ def embedding_settings(embedder: Optional[str], use_cls_repr: bool, dtype, devic
 
 
 def check_embedder_matches_chunks(chunk_memmap_path: PathLike, embedder: Optional[str], lm) -> None:
+    """Raise when the chunks were made with another LM tokenizer than ``lm`` or (for the
+    embedder's own WordPiece) another embedder than ``embedder``."""
     meta, _ = trusted_meta(chunk_memmap_path)
     recorded = (meta or {}).get("inputs", {}).get("tokenizer")
     if lm.kind != "bert" or (recorded is not None and recorded.get("kind") != "bert"):
