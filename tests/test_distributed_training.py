@@ -153,6 +153,7 @@ def test_two_ranks_build_the_database_together_and_equal_one_process(tmp_path):
     assert f"embedding chunks [0, {cut})" in err0 and f"[{cut}, {n})" not in err0
     assert f"embedding chunks [{cut}, {n})" in err1 and "[0, " not in err1
     assert "chunked " in err0 and "chunked " not in err1
+    assert "query knn" in err0 and "query knn" not in err1  # the held-out split: rank 0 alone
     np.testing.assert_array_equal(np.concatenate([np.load(p) for p in shards]),
                                   np.load(one / "db" / "train.chunks.emb.npy"))
     names = sorted(p.name for p in (one / "db").iterdir() if p.is_file()
