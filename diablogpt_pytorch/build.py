@@ -5,7 +5,8 @@ The documents matching a glob are split deterministically into a training part a
 (:func:`split_documents`, by a hash of each document's path relative to the folder, so the split
 does not depend on listing order). :func:`build_split_files` turns a split into its
 chunks/seqs/doc_ids memmaps and knn file: the training split through the embeddings, index and
-neighbour search of :mod:`diablogpt_pytorch.retrieval`; the held-out
+neighbour search of :mod:`diablogpt_pytorch.retrieval` (under ``torchrun``, every rank its share:
+:mod:`diablogpt_pytorch.sharded`); the held-out
 split's neighbours are searched in the *training* index (a held-out chunk never retrieves itself
 or its own document, which is not in the index). Held-out files carry ``.valid`` before the suffix
 (:func:`held_out_path`). :func:`open_split` opens a built split as a
@@ -27,6 +28,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from diablogpt_pytorch import distributed as D
+from diablogpt_pytorch._io import read_meta
 from diablogpt_pytorch.data import DIABLOGPTDataset
 
 logger = logging.getLogger(__name__)
@@ -111,6 +114,13 @@ def build_split_files(settings: BuildSettings, documents: list[Path], paths: dic
                       ) -> tuple[dict[str, Any], Path]:
     """Build (or reuse) a split's chunks/seqs/doc_ids memmaps and knn file.
 
+    Under ``torchrun`` (world size > 1) the training split is a collective: every rank calls it;
+    rank 0 chunks the documents, then every rank embeds and searches its share
+    (:func:`~diablogpt_pytorch.sharded.sharded_chunks_to_precalculated_knn_`); the files equal the
+    single-process ones. A held-out split is built by the one process that calls it. A database
+    built by one process is reused by the ranks and the reverse, while it is current
+    (:func:`~diablogpt_pytorch.sharded.reusable_knn`).
+
     Args:
         documents: the split's documents; paths: its files (keys ``chunks``, ``seqs``,
             ``doc_ids``).
@@ -142,10 +152,20 @@ def build_split_files(settings: BuildSettings, documents: list[Path], paths: dic
             tokenizer=s.tokenizer,
         )
 
-    stats = chunk()
+    ranks = D.get_world_size() if train else 1
+    if ranks > 1:  # rank 0 chunks; then every rank takes its share of the embedding and search
+        stats = None
+        with D.main_process_first("chunking the training documents") as main:
+            if main:
+                stats = chunk()
+        stats = D.broadcast_object(stats, what="sharing the chunk counts")
+    else:
+        stats = chunk()
     num_chunks = stats["chunks"]
     if train:
-        knn_path, _ = retrieval.chunks_to_precalculated_knn_(
+        from diablogpt_pytorch import sharded
+
+        args = dict(
             num_nearest_neighbors=s.knn,
             num_chunks=num_chunks,
             chunk_size=s.chunk_size,
@@ -165,6 +185,13 @@ def build_split_files(settings: BuildSettings, documents: list[Path], paths: dic
             seq_len=s.seq_len,
             tokenizer=s.tokenizer,
         )
+        knn_meta = read_meta(retrieval.knn_path_for(paths["chunks"])) or {}
+        if ranks > 1:
+            knn_path, _ = sharded.sharded_chunks_to_precalculated_knn_(**args)
+        elif knn_meta.get("stats", {}).get("world_size", 1) > 1 and sharded.reusable_knn(**args):
+            knn_path = retrieval.knn_path_for(paths["chunks"])  # built by ranks, still current
+        else:
+            knn_path, _ = retrieval.chunks_to_precalculated_knn_(**args)
     else:
         if db_paths is None:
             raise ValueError("a held-out split needs db_paths, the training split's files")

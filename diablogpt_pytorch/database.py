@@ -45,6 +45,8 @@ DESCRIPTIONS = {
     "knn": "int32 (num_chunks, knn) memmap: neighbour chunk ids in the training chunks, -1 = none",
     "embeddings": "float32 (num_chunks, hidden) .npy: L2-normalised chunk embeddings",
     "index": "faiss index over the embeddings (inner product)",
+    "embedding_shards": "folder of float32 .npy shards of the embeddings, one per rank, in rank "
+                        "order (built under torchrun)",
 }
 
 
@@ -62,6 +64,19 @@ def _entry(path: Path, root: Path, what: str) -> dict[str, Any]:
     meta = read_meta(path) or {}
     return {"path": shown, "what": DESCRIPTIONS[what], "bytes": path.stat().st_size,
             "build": meta.get("build")}
+
+
+def _embeddings_entry(chunks_path: Path, root: Path) -> dict[str, Any]:
+    """The embeddings' entry: the ``.npy`` of a single-process build, or the folder of shards
+    when the index was built from shards by ranks (:mod:`diablogpt_pytorch.sharded`)."""
+    from diablogpt_pytorch import retrieval, sharded
+
+    index_inputs = (read_meta(retrieval.index_path_for(chunks_path)) or {}).get("inputs") or {}
+    if "embedding_shards" not in index_inputs:
+        return _entry(retrieval.embeddings_path_for(chunks_path), root, "embeddings")
+    folder = sharded.shards_dir_for(chunks_path)
+    return {"path": _relative(folder, root), "what": DESCRIPTIONS["embedding_shards"],
+            "bytes": sum(p.stat().st_size for p in folder.glob("*.npy")), "build": None}
 
 
 def write_manifest(wrapper, built: dict[str, Any]) -> Path:
@@ -82,8 +97,7 @@ def write_manifest(wrapper, built: dict[str, Any]) -> Path:
         files = {name: _entry(paths[name], root, name) for name in ("chunks", "seqs", "doc_ids")}
         files["knn"] = _entry(knn_path, root, "knn")
         if split == "train":
-            files["embeddings"] = _entry(retrieval.embeddings_path_for(paths["chunks"]), root,
-                                         "embeddings")
+            files["embeddings"] = _embeddings_entry(paths["chunks"], root)
             files["index"] = _entry(retrieval.index_path_for(paths["chunks"]), root, "index")
         splits[split] = {"counts": {k: stats[k] for k in ("chunks", "docs", "seqs")},
                          "files": files}

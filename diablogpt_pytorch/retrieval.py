@@ -9,6 +9,14 @@ Public functions (the seed's names; extra keyword arguments are ours):
 - :func:`query_chunks_to_knn_`: neighbours in the database for chunks of other documents.
 - :class:`Retriever`: generation-time lookup, built from the files on disk alone.
 
+The stages those functions run, public so that the ``torchrun`` build
+(:mod:`diablogpt_pytorch.sharded`) runs the same code on each rank's range:
+:func:`embed_chunks_file_` (chunks -> a ``.npy`` of embeddings, any range), :func:`search_neighbours`
+(one batch of queries: search, exclusions, ranking) and its loop :func:`search_neighbours_range_`,
+:func:`sequence_starts`, :func:`knn_inputs` and :func:`record_knn_` (the knn file's sidecar), and
+the provenance helpers :func:`fingerprint`, :func:`cached_meta`, :func:`lm_tokenizer`,
+:func:`embedding_settings`, :func:`check_embedder_matches_chunks`, :func:`embed_memmap`.
+
 File formats: for ``train.chunks.dat`` with chunk size C,
 
 - ``train.chunks.dat``   int32 (num_chunks, C+1) raw memmap: a chunk's C tokens + the first token
@@ -82,7 +90,7 @@ def tokenizer_path_for(chunk_memmap_path: PathLike) -> Path:
     return p.with_name(f"{p.stem}.tokenizer.json")
 
 
-def _lm_tokenizer(tokenizer, embedder: Optional[str], documents=None, path=None):
+def lm_tokenizer(tokenizer, embedder: Optional[str], documents=None, path=None):
     """The LM tokenizer for ``tokenizer`` (a spec or an LMTokenizer; None: embedder's WordPiece)."""
     from diablogpt_pytorch.tokenizer import TokenizersLMTokenizer, load_tokenizer
 
@@ -108,7 +116,7 @@ def _check_tokenizer(recorded: Optional[dict[str, Any]], lm, where: PathLike) ->
 # ----------------------------------------------------------------------------- provenance
 
 
-def _fingerprint(path: PathLike) -> dict[str, Any]:
+def fingerprint(path: PathLike) -> dict[str, Any]:
     """Identity of an input file: size, mtime and a digest of its own provenance sidecar (which
     holds a unique build id). Not its path, so a database directory can be moved as a whole."""
     path = Path(path)
@@ -123,7 +131,7 @@ def _normalised(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
-def _cached(paths: Sequence[PathLike], inputs: dict[str, Any], what: str,
+def cached_meta(paths: Sequence[PathLike], inputs: dict[str, Any], what: str,
             force: bool = False) -> Optional[dict[str, Any]]:
     """The recorded meta when every path exists with a sidecar written for that very file
     (:func:`diablogpt_pytorch._io.trusted_meta`: same size and modification time) recording
@@ -326,7 +334,7 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
         train_on = files
     if num_files == 0:
         raise ValueError(f"the document source {source} holds no documents")
-    info = _lm_tokenizer(tokenizer, embedder, documents=train_on,
+    info = lm_tokenizer(tokenizer, embedder, documents=train_on,
                          path=tokenizer_path_for(chunks_memmap_path))
     chunks_per_seq = seq_len // chunk_size
     cap = min(max_chunks, max_seqs * chunks_per_seq)
@@ -349,7 +357,7 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
     # the limits matter only where they cut the database: a build that was not truncated stays
     # valid under any cap it fits; a truncated one only under the same cap
     limits = {"max_chunks": max_chunks, "max_seqs": max_seqs, "truncate": truncate, "cap": cap}
-    cached = _cached(outputs, inputs, "chunks", force_reprocess)
+    cached = cached_meta(outputs, inputs, "chunks", force_reprocess)
     if cached is not None:
         old_stats, old_cap = cached["stats"], cached.get("limits", {}).get("cap")
         if (not old_stats["truncated"] and old_stats["chunks"] <= cap) or (
@@ -495,7 +503,9 @@ def sequence_documents_window(sorted_seq_starts: np.ndarray, doc_ids: np.ndarray
 # ----------------------------------------------------------------------------- embeddings, index
 
 
-def _embedding_settings(embedder: Optional[str], use_cls_repr: bool, dtype, device, lm) -> dict[str, Any]:
+def embedding_settings(embedder: Optional[str], use_cls_repr: bool, dtype, device, lm) -> dict[str, Any]:
+    """How chunks are embedded (embedder identity and name, LM tokenizer, pooling, precision), as
+    the embeddings' and the index's sidecars record it and queries must repeat it."""
     settings = {"embedder": emb.embedder_identity(embedder), "embedder_name": emb.resolve_embedder(embedder),
                 # how chunk ids become the embedder's input: the LM tokenizer decodes them
                 "tokenizer": lm.identity(),
@@ -508,7 +518,9 @@ def _embedding_settings(embedder: Optional[str], use_cls_repr: bool, dtype, devi
     return settings
 
 
-def _check_embedder_matches_chunks(chunk_memmap_path: PathLike, embedder: Optional[str], lm) -> None:
+def check_embedder_matches_chunks(chunk_memmap_path: PathLike, embedder: Optional[str], lm) -> None:
+    """Raise when the chunks were made with another LM tokenizer than ``lm`` or (for the
+    embedder's own WordPiece) another embedder than ``embedder``."""
     meta, _ = trusted_meta(chunk_memmap_path)
     recorded = (meta or {}).get("inputs", {}).get("tokenizer")
     if lm.kind != "bert" or (recorded is not None and recorded.get("kind") != "bert"):
@@ -523,8 +535,10 @@ def _check_embedder_matches_chunks(chunk_memmap_path: PathLike, embedder: Option
             f"chunks were made with (or set {emb.ENV_VAR}), or rebuild the chunks")
 
 
-def _embed_memmap(chunks: np.memmap, out_path: Path, *, embedder, device, use_cls_repr, dtype,
-                  batch_size: int, desc: str = "embedding", tokenizer=None) -> None:
+def embed_memmap(chunks: np.memmap, out_path: Path, *, embedder, device, use_cls_repr, dtype,
+                 batch_size: int, desc: str = "embedding", tokenizer=None) -> None:
+    """Embed the rows of ``chunks`` (int (n, C+1)) into ``out_path``, a float32 (n, hidden)
+    ``.npy`` of normalised embeddings, ``batch_size`` rows per step, written atomically."""
     num_chunks, width = chunks.shape
     dim = emb.hidden_size(embedder)
     with atomic_path(out_path) as tmp:
@@ -536,6 +550,55 @@ def _embed_memmap(chunks: np.memmap, out_path: Path, *, embedder, device, use_cl
                 normalize=True, tokenizer=tokenizer).numpy()
         out.flush()
         del out
+
+
+def embed_chunks_file_(chunk_memmap_path: PathLike, num_chunks: int, chunk_size: int,
+                       out_path: PathLike, *, start: int = 0, stop: Optional[int] = None,
+                       use_cls_repr: bool = False, batch_size: int = 256,
+                       embed_dim: Optional[int] = None, embedder: Optional[str] = None,
+                       device: Union[str, torch.device] = "cpu", dtype=None,
+                       force_reprocess: bool = False, tokenizer=None,
+                       record: Optional[dict[str, Any]] = None,
+                       desc: str = "embedding") -> dict[str, Any]:
+    """The embedding stage: chunks ``[start, stop)`` (default all) -> ``out_path``.
+
+    Checks that ``embedder`` and ``tokenizer`` match what the chunks were made with, embeds
+    ``batch_size`` chunks per step (:func:`embed_memmap`) and writes the sidecar; reuses
+    ``out_path`` while its sidecar records the same inputs. The sidecar records
+    ``{"kind": "embeddings", chunks, num_chunks, chunk_size, **settings}`` updated with
+    ``record`` (a shard records its range there). Nothing is written for an empty range.
+    :func:`chunks_to_index_and_embed` calls it for the whole database, the sharded build
+    (:mod:`diablogpt_pytorch.sharded`) for one rank's range.
+
+    Returns:
+        the embedding settings (:func:`embedding_settings`) the chunks were embedded with.
+    """
+    stop = num_chunks if stop is None else stop
+    if not 0 <= start <= stop <= num_chunks:
+        raise ValueError(f"chunk range [{start}, {stop}) does not lie in [0, {num_chunks})")
+    chunks = open_chunks(chunk_memmap_path, num_chunks, chunk_size)
+    lm = lm_tokenizer(tokenizer, embedder, path=tokenizer_path_for(chunk_memmap_path))
+    check_embedder_matches_chunks(chunk_memmap_path, embedder, lm)
+    dim = emb.hidden_size(embedder)
+    if embed_dim is not None and embed_dim != dim:
+        raise ValueError(f"embed_dim={embed_dim} but embedder {emb.resolve_embedder(embedder)!r} "
+                         f"gives {dim}-dimensional embeddings: drop embed_dim or pass {dim}")
+    settings = embedding_settings(embedder, use_cls_repr, dtype, device, lm)
+    if stop == start:
+        return settings
+    out_path = Path(out_path)
+    inputs = {"kind": "embeddings", "version": FORMAT_VERSION,
+              "chunks": fingerprint(chunk_memmap_path), "num_chunks": num_chunks,
+              "chunk_size": chunk_size, **settings, **(record or {})}
+    what = "embeddings" if (start, stop) == (0, num_chunks) else f"embeddings [{start}, {stop})"
+    if cached_meta([out_path], inputs, what, force_reprocess) is None:
+        meta_path(out_path).unlink(missing_ok=True)
+        logger.info("embedding chunks [%d, %d) into %s", start, stop, out_path)
+        embed_memmap(chunks[start:stop], out_path, embedder=embedder, device=device,
+                     use_cls_repr=use_cls_repr, dtype=settings["dtype"], batch_size=batch_size,
+                     desc=desc, tokenizer=lm)
+        write_meta(out_path, {"inputs": inputs, "build": uuid.uuid4().hex})
+    return settings
 
 
 def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_path: PathLike, *,
@@ -567,25 +630,13 @@ def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_pat
     Returns:
         (faiss index, embeddings: read-only float32 memmap (num_chunks, hidden)).
     """
-    chunks = open_chunks(chunk_memmap_path, num_chunks, chunk_size)
-    lm = _lm_tokenizer(tokenizer, embedder, path=tokenizer_path_for(chunk_memmap_path))
-    _check_embedder_matches_chunks(chunk_memmap_path, embedder, lm)
-    dim = emb.hidden_size(embedder)
-    if embed_dim is not None and embed_dim != dim:
-        raise ValueError(f"embed_dim={embed_dim} but embedder {emb.resolve_embedder(embedder)!r} "
-                         f"gives {dim}-dimensional embeddings: drop embed_dim or pass {dim}")
     emb_path = embeddings_path_for(chunk_memmap_path)
     index_path = Path(index_file) if index_file is not None else index_path_for(chunk_memmap_path)
-    settings = _embedding_settings(embedder, use_cls_repr, dtype, device, lm)
-    emb_inputs = {"kind": "embeddings", "version": FORMAT_VERSION,
-                  "chunks": _fingerprint(chunk_memmap_path), "num_chunks": num_chunks,
-                  "chunk_size": chunk_size, **settings}
-    if _cached([emb_path], emb_inputs, "embeddings", force_reprocess) is None:
-        meta_path(emb_path).unlink(missing_ok=True)
-        _embed_memmap(chunks, emb_path, embedder=embedder, device=device, use_cls_repr=use_cls_repr,
-                      dtype=settings["dtype"], batch_size=chunks_to_embeddings_batch_size,
-                      tokenizer=lm)
-        write_meta(emb_path, {"inputs": emb_inputs, "build": uuid.uuid4().hex})
+    settings = embed_chunks_file_(
+        chunk_memmap_path, num_chunks, chunk_size, emb_path, use_cls_repr=use_cls_repr,
+        batch_size=chunks_to_embeddings_batch_size, embed_dim=embed_dim, embedder=embedder,
+        device=device, dtype=dtype, force_reprocess=force_reprocess, tokenizer=tokenizer)
+    dim = emb.hidden_size(embedder)
     embeddings = np.load(emb_path, mmap_mode="r")
 
     exact = idx.flat_index_bytes(num_chunks, dim) <= idx.parse_memory(max_index_memory_usage)
@@ -608,6 +659,103 @@ def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_pat
 
 
 # ----------------------------------------------------------------------------- neighbours
+
+
+def sequence_starts(seqs_memmap_path: Optional[PathLike], num_seqs: Optional[int],
+                    seq_len: Optional[int], chunk_size: int) -> Optional[np.ndarray]:
+    """The training sequences' first chunks, sorted (int64), for the sequence exclusion of
+    :func:`search_neighbours`; None without ``seqs_memmap_path``."""
+    if seqs_memmap_path is None:
+        return None
+    if num_seqs is None or seq_len is None or seq_len % chunk_size:
+        raise ValueError(
+            f"seqs_memmap_path={str(seqs_memmap_path)!r} needs num_seqs and seq_len (a "
+            f"multiple of chunk_size={chunk_size}); got num_seqs={num_seqs}, seq_len={seq_len}")
+    seqs = open_int32_memmap(seqs_memmap_path, (num_seqs,), "seqs memmap",
+                             missing_fix="build it with text_folder_to_chunks_",
+                             mismatch_fix="pass the num_seqs text_folder_to_chunks_ returned")
+    # the starts only: each search batch derives its own rows (sequence_documents_window), since
+    # all chunks' rows at once would hold num_chunks x (most documents in a sequence) int64 ids
+    return np.sort(np.asarray(seqs, dtype=np.int64))
+
+
+def knn_inputs(index_path: PathLike, doc_ids_memmap_path: PathLike, num_chunks: int,
+               num_nearest_neighbors: int, num_extra_neighbors: int, max_search_k: int, *,
+               seqs_memmap_path: Optional[PathLike] = None,
+               seq_len: Optional[int] = None) -> dict[str, Any]:
+    """What a knn file is made from (its sidecar's ``inputs``), the same for every build path."""
+    return {"kind": "knn", "version": FORMAT_VERSION, "index": fingerprint(index_path),
+            "doc_ids": fingerprint(doc_ids_memmap_path), "num_chunks": num_chunks,
+            "num_nearest_neighbors": num_nearest_neighbors,
+            "num_extra_neighbors": num_extra_neighbors, "max_search_k": max_search_k,
+            "sequences": None if seqs_memmap_path is None else {
+                "seqs": fingerprint(seqs_memmap_path), "seq_len": seq_len}}
+
+
+def search_neighbours(index, queries: np.ndarray, start: int, doc_ids: np.ndarray, k: int, *,
+                      num_extra_neighbors: int = 10, max_search_k: int = 4096,
+                      seq_starts: Optional[np.ndarray] = None,
+                      chunks_per_seq: Optional[int] = None) -> np.ndarray:
+    """Neighbours of database chunks ``start .. start + len(queries) - 1`` (one search batch).
+
+    ``queries`` are those chunks' embeddings. The chunk itself, its document and, with
+    ``seq_starts`` (:func:`sequence_starts`) and ``chunks_per_seq``, every document of its
+    training sequences (:func:`sequence_documents_window`) are excluded; the candidates left are
+    ranked by score (:func:`diablogpt_pytorch.index.search_excluding`).
+
+    Returns:
+        int64 (len(queries), k) chunk ids, nearest first, -1 where none is left.
+    """
+    stop = start + len(queries)
+    exclude = None
+    if seq_starts is not None:
+        if not chunks_per_seq:
+            raise ValueError("seq_starts needs chunks_per_seq (seq_len // chunk_size)")
+        exclude = sequence_documents_window(seq_starts, doc_ids, chunks_per_seq, start, stop)
+    ids, _ = idx.search_excluding(
+        index, queries, k, num_extra=num_extra_neighbors, self_ids=np.arange(start, stop),
+        query_doc_ids=np.asarray(doc_ids[start:stop]), doc_ids=doc_ids, max_k=max_search_k,
+        exclude_doc_ids=exclude)
+    return ids
+
+
+def search_neighbours_range_(index, embeddings: np.ndarray, out: np.ndarray, start: int,
+                             stop: int, doc_ids: np.ndarray, k: int, *, batch_size: int = 4096,
+                             num_extra_neighbors: int = 10, max_search_k: int = 4096,
+                             seq_starts: Optional[np.ndarray] = None,
+                             chunks_per_seq: Optional[int] = None, desc: str = "searching",
+                             progress: bool = True) -> int:
+    """The neighbour-search stage: :func:`search_neighbours` for chunks ``[start, stop)`` in
+    batches of ``batch_size`` starting at ``start``, into ``out``.
+
+    ``embeddings`` and ``out`` hold row ``i - start`` for chunk ``i`` (the whole database from 0
+    in the single-process build, one rank's range in the sharded one). Search batches hold the
+    same chunks in both builds when ``start`` is a multiple of ``batch_size``.
+
+    Returns:
+        how many rows have fewer than ``k`` neighbours (-1 slots).
+    """
+    incomplete = 0
+    for a in tqdm(range(start, stop, batch_size), desc=desc, unit="batch", disable=not progress):
+        b = min(stop, a + batch_size)
+        ids = search_neighbours(index, embeddings[a - start:b - start], a, doc_ids, k,
+                                num_extra_neighbors=num_extra_neighbors, max_search_k=max_search_k,
+                                seq_starts=seq_starts, chunks_per_seq=chunks_per_seq)
+        out[a - start:b - start] = ids
+        incomplete += int((ids < 0).any(axis=1).sum())
+    return incomplete
+
+
+def record_knn_(knn_path: Path, inputs: dict[str, Any], incomplete: int, num_chunks: int,
+                k: int, **stats: Any) -> None:
+    """Write a finished knn file's sidecar (its inputs, ``incomplete_rows`` and ``stats``) and log
+    the result."""
+    if incomplete:
+        logger.warning("%d of %d chunks have fewer than %d neighbours from other documents "
+                       "(missing ones are -1)", incomplete, num_chunks, k)
+    write_meta(knn_path, {"inputs": inputs, "stats": {"incomplete_rows": incomplete, **stats},
+                          "build": uuid.uuid4().hex})
+    logger.info("wrote %d x %d neighbours to %s", num_chunks, k, knn_path)
 
 
 def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size: int,
@@ -650,18 +798,7 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
     if num_extra_neighbors < 0:
         raise ValueError(f"num_extra_neighbors must be >= 0, got {num_extra_neighbors}")
     doc_ids = open_doc_ids(doc_ids_memmap_path, num_chunks)
-    seq_starts = None
-    if seqs_memmap_path is not None:
-        if num_seqs is None or seq_len is None or seq_len % chunk_size:
-            raise ValueError(
-                f"seqs_memmap_path={str(seqs_memmap_path)!r} needs num_seqs and seq_len (a "
-                f"multiple of chunk_size={chunk_size}); got num_seqs={num_seqs}, seq_len={seq_len}")
-        seqs = open_int32_memmap(seqs_memmap_path, (num_seqs,), "seqs memmap",
-                                 missing_fix="build it with text_folder_to_chunks_",
-                                 mismatch_fix="pass the num_seqs text_folder_to_chunks_ returned")
-        # per search batch (sequence_documents_window): all chunks' rows at once would hold
-        # num_chunks x (most documents in a sequence) int64 ids in memory
-        seq_starts = np.sort(np.asarray(seqs, dtype=np.int64))
+    seq_starts = sequence_starts(seqs_memmap_path, num_seqs, seq_len, chunk_size)
     index, embeddings = chunks_to_index_and_embed(
         num_chunks, chunk_size, chunk_memmap_path, use_cls_repr=use_cls_repr,
         chunks_to_embeddings_batch_size=chunks_to_embeddings_batch_size, embed_dim=embed_dim,
@@ -670,14 +807,24 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
         dtype=dtype, faiss_gpu=faiss_gpu, force_reprocess=force_reprocess, tokenizer=tokenizer)
     index_path = Path(index_file) if index_file is not None else index_path_for(chunk_memmap_path)
     knn_path = knn_path_for(chunk_memmap_path)
-    inputs = {"kind": "knn", "version": FORMAT_VERSION, "index": _fingerprint(index_path),
-              "doc_ids": _fingerprint(doc_ids_memmap_path), "num_chunks": num_chunks,
-              "num_nearest_neighbors": num_nearest_neighbors,
-              "num_extra_neighbors": num_extra_neighbors, "max_search_k": max_search_k,
-              "sequences": None if seq_starts is None else {
-                  "seqs": _fingerprint(seqs_memmap_path), "seq_len": seq_len}}
-    if _cached([knn_path], inputs, "knn", force_reprocess) is not None:
+    inputs = knn_inputs(index_path, doc_ids_memmap_path, num_chunks, num_nearest_neighbors,
+                        num_extra_neighbors, max_search_k, seqs_memmap_path=seqs_memmap_path,
+                        seq_len=seq_len)
+    if cached_meta([knn_path], inputs, "knn", force_reprocess) is not None:
         return knn_path, index
+
+    meta_path(knn_path).unlink(missing_ok=True)
+    with atomic_path(knn_path) as tmp:
+        knn = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(num_chunks, num_nearest_neighbors))
+        incomplete = search_neighbours_range_(
+            index, embeddings, knn, 0, num_chunks, doc_ids, num_nearest_neighbors,
+            batch_size=knn_batch_size, num_extra_neighbors=num_extra_neighbors,
+            max_search_k=max_search_k, seq_starts=seq_starts,
+            chunks_per_seq=None if seq_len is None else seq_len // chunk_size)
+        knn.flush()
+        del knn
+    record_knn_(knn_path, inputs, incomplete, num_chunks, num_nearest_neighbors)
+    return knn_path, index
 
     meta_path(knn_path).unlink(missing_ok=True)
     K = num_nearest_neighbors
@@ -730,7 +877,7 @@ def _query_embedder(settings: dict[str, Any], embedder: Optional[str], index_pat
 def _query_tokenizer(settings: dict[str, Any], tokenizer, embedder_name: str, index_path: Path):
     """The LM tokenizer for queries against ``index_path``: ``tokenizer`` (None: the embedder's
     WordPiece), checked against the one recorded in the index's sidecar."""
-    lm = _lm_tokenizer(tokenizer, embedder_name)
+    lm = lm_tokenizer(tokenizer, embedder_name)
     recorded = settings.get("tokenizer")
     if recorded is not None and recorded.get("fingerprint") != lm.fingerprint():
         raise ValueError(
@@ -770,10 +917,10 @@ def query_chunks_to_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size
                      chunk_memmap_path)
     chunks = open_chunks(chunk_memmap_path, num_chunks, chunk_size)
     knn_path = Path(knn_path) if knn_path is not None else knn_path_for(chunk_memmap_path)
-    inputs = {"kind": "query_knn", "version": FORMAT_VERSION, "queries": _fingerprint(chunk_memmap_path),
-              "index": _fingerprint(index_path), "num_chunks": num_chunks,
+    inputs = {"kind": "query_knn", "version": FORMAT_VERSION, "queries": fingerprint(chunk_memmap_path),
+              "index": fingerprint(index_path), "num_chunks": num_chunks,
               "num_nearest_neighbors": num_nearest_neighbors}
-    if _cached([knn_path], inputs, "query knn", force_reprocess) is not None:
+    if cached_meta([knn_path], inputs, "query knn", force_reprocess) is not None:
         return knn_path
     meta_path(knn_path).unlink(missing_ok=True)
     index = idx.read_index(index_path, faiss_gpu=faiss_gpu)
@@ -789,6 +936,15 @@ def query_chunks_to_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size
         del knn
     write_meta(knn_path, {"inputs": inputs, "build": uuid.uuid4().hex})
     return knn_path
+
+
+# the names these helpers had when they were private, for callers written against them
+_lm_tokenizer = lm_tokenizer
+_fingerprint = fingerprint
+_cached = cached_meta
+_embedding_settings = embedding_settings
+_check_embedder_matches_chunks = check_embedder_matches_chunks
+_embed_memmap = embed_memmap
 
 
 # ----------------------------------------------------------------------------- generation

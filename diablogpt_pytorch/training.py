@@ -80,8 +80,10 @@ class TrainingWrapper:
             retrieval module's default).
 
     Under ``torchrun`` (the wrapper calls ``diablogpt_pytorch.distributed.init_distributed()``
-    itself when the script has not yet): rank 0 builds or validates the database while the
-    other ranks wait, then every rank opens it read-only;
+    itself when the script has not yet): rank 0 chunks the documents, every rank embeds and
+    searches its share of the training chunks (``build.build_split_files``; the files equal the
+    single-process build's), rank 0 builds the held-out split while the others wait, then every
+    rank opens the files read-only;
     ``train_model`` is the model wrapped in DistributedDataParallel; ``get_dataloader`` shards the
     sequences with a DistributedSampler; ``evaluate`` splits the held-out set across ranks and
     sums the counts; ``save_checkpoint`` writes from rank 0 only (a single process loads it).
@@ -140,7 +142,7 @@ class TrainingWrapper:
             # built under torchrun before the process group: join it now, or every rank would
             # build the database on the same paths at once
             logger.info("torchrun's environment is set but no process group is: joining it "
-                        "(distributed.init_distributed) so that rank 0 alone builds the database")
+                        "(distributed.init_distributed) so that the ranks build the database together")
             distributed.init_distributed(device=self.device)
 
         self.paths = {
@@ -174,13 +176,14 @@ class TrainingWrapper:
             current_memory_available=self.current_memory_available,
             embed_device=self.embed_device, embed_batch_size=self.embed_batch_size,
             index_batch_size=self.index_batch_size, embed_dtype=self.embed_dtype)
-        # rank 0 builds or validates the files (the others wait); then every rank opens them
+        # the training split: every rank takes part (under torchrun each embeds and searches its
+        # share); the held-out split: rank 0 builds or validates it (the others wait); then every
+        # rank opens the files
         settings = self.build_settings
-        built = None
-        with distributed.main_process_first("building the retrieval database") as main:
+        built = {"train": build.build_split_files(settings, self.train_documents, self.paths,
+                                                  train=True)}
+        with distributed.main_process_first("building the held-out split") as main:
             if main:
-                built = {"train": build.build_split_files(settings, self.train_documents,
-                                                          self.paths, train=True)}
                 if self.valid_documents:
                     built["valid"] = build.build_split_files(
                         settings, self.valid_documents, self.valid_paths, train=False,

@@ -2,8 +2,10 @@
 
 A small real-text corpus (Python's pydoc topics) is chunked once; the single-process
 ``chunks_to_precalculated_knn_`` and the 2-rank ``sharded_chunks_to_precalculated_knn_`` then run
-on copies of the same chunk files with the real offline embedder. Batch sizes are small so that
-both ranks hold several batches. This file is also the per-rank script (``__main__`` below).
+on copies of the same chunk files with the real offline embedder, both excluding the documents of
+each chunk's training sequence. Batch sizes are small so that both ranks hold several batches,
+and differ so that the ranks' search ranges differ from their embedding ranges. This file is also
+the per-rank script (``__main__`` below).
 """
 
 import json
@@ -19,15 +21,17 @@ from diablogpt_pytorch import retrieval
 from diablogpt_pytorch._io import read_meta
 
 C, K = 32, 2
-EMBED_BATCH, KNN_BATCH = 8, 8
+SEQ_LEN = 4 * C
+EMBED_BATCH, KNN_BATCH = 8, 12
 FILES = ("db.chunks.dat", "db.doc_ids.dat", "db.seq.dat")
 
 
-def build_args(out: Path, num_chunks: int) -> dict:
-    return dict(num_nearest_neighbors=K, num_chunks=num_chunks, chunk_size=C,
+def build_args(out: Path, stats: dict) -> dict:
+    return dict(num_nearest_neighbors=K, num_chunks=stats["chunks"], chunk_size=C,
                 chunk_memmap_path=out / "db.chunks.dat", doc_ids_memmap_path=out / "db.doc_ids.dat",
                 num_extra_neighbors=1, chunks_to_embeddings_batch_size=EMBED_BATCH,
-                knn_batch_size=KNN_BATCH)
+                knn_batch_size=KNN_BATCH, seqs_memmap_path=out / "db.seq.dat",
+                num_seqs=stats["seqs"], seq_len=SEQ_LEN)
 
 
 @pytest.fixture
@@ -52,7 +56,7 @@ def test_two_rank_sharded_build_equals_single_process_build(tmp_path, one_thread
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     stats = retrieval.text_folder_to_chunks_(
         docs, "*.txt", single / FILES[0], single / FILES[2], single / FILES[1], chunk_size=C,
-        seq_len=4 * C)
+        seq_len=SEQ_LEN)
     n = stats["chunks"]
     assert n > 4 * EMBED_BATCH  # both ranks get several batches
     sharded.mkdir()
@@ -60,8 +64,8 @@ def test_two_rank_sharded_build_equals_single_process_build(tmp_path, one_thread
         shutil.copy2(single / name, sharded / name)
         shutil.copy2(single / f"{name}.meta.json", sharded / f"{name}.meta.json")
 
-    knn_path, _ = retrieval.chunks_to_precalculated_knn_(**build_args(single, n))
-    (sharded / "n.json").write_text(json.dumps(n))
+    knn_path, _ = retrieval.chunks_to_precalculated_knn_(**build_args(single, stats))
+    (sharded / "stats.json").write_text(json.dumps(stats))
     assert_ok(finish(launch("sharded_build", sharded, script=__file__), timeout=240))
 
     # the same bytes: embeddings (shards in rank order) and neighbours
@@ -77,6 +81,17 @@ def test_two_rank_sharded_build_equals_single_process_build(tmp_path, one_thread
     knn = np.frombuffer(got, dtype=np.int32).reshape(n, K)
     doc_ids = np.fromfile(single / "db.doc_ids.dat", dtype=np.int32)
     assert (knn >= 0).all() and (doc_ids[knn] != doc_ids[:, None]).all()
+    # the sequence exclusion applied: no neighbour from a document of the chunk's sequence, and
+    # it mattered (sequences hold several documents)
+    seqs = np.fromfile(single / "db.seq.dat", dtype=np.int32)
+    seq_docs = retrieval.sequence_documents(seqs, doc_ids, SEQ_LEN // C)
+    assert (seq_docs >= 0).sum(axis=1).max() > 1
+    assert not (doc_ids[knn][:, :, None] == seq_docs[:, None, :]).any()
+    # the sidecars record the same inputs (the index fingerprints aside: different files)
+    single_meta, sharded_meta = (read_meta(d / "db.chunks.knn.dat")["inputs"]
+                                 for d in (single, sharded))
+    assert single_meta.pop("index") != sharded_meta.pop("index")
+    assert single_meta == sharded_meta and single_meta["sequences"]["seq_len"] == SEQ_LEN
     # no part files left; the knn sidecar records the build
     assert not (sharded / "db.chunks.knn.parts").exists()
     assert read_meta(sharded / "db.chunks.knn.dat")["stats"]["world_size"] == 2
@@ -88,14 +103,23 @@ def test_two_rank_sharded_build_equals_single_process_build(tmp_path, one_thread
     found = retrieval.Retriever(sharded / FILES[0], sharded / FILES[1]).search(queries, K)[0]
     assert torch.equal(found, expect)
 
-    # a second call on 1 process with the same files reuses nothing of another layout silently:
-    # the shards of 2 ranks are replaced by one shard and the knn file comes out the same
-    from diablogpt_pytorch.sharded import sharded_chunks_to_precalculated_knn_
+    # one process reuses the 2-rank build while it is current (nothing rewritten); rebuilt, the
+    # shards of 2 ranks are replaced by one shard and the knn file comes out the same
+    from diablogpt_pytorch.sharded import reusable_knn, sharded_chunks_to_precalculated_knn_
 
-    path, _ = sharded_chunks_to_precalculated_knn_(**build_args(sharded, n))
+    before = {p: p.stat().st_mtime_ns for p in sharded.rglob("*")}
+    assert reusable_knn(**build_args(sharded, stats)) is not None
+    path, _ = sharded_chunks_to_precalculated_knn_(**build_args(sharded, stats))
+    assert {p: p.stat().st_mtime_ns for p in sharded.rglob("*")} == before
+    path, _ = sharded_chunks_to_precalculated_knn_(**build_args(sharded, stats),
+                                                   force_reprocess=True)
     assert path.read_bytes() == knn_path.read_bytes()
     assert [p.name for p in sorted((sharded / "db.chunks.emb.shards").glob("*.npy"))] == [
         "emb-00000-of-00001.npy"]
+    # and the single-process build is reusable as it is, by ranks too; not once its chunks change
+    assert reusable_knn(**build_args(single, stats)) is not None
+    assert reusable_knn(**build_args(single, {**stats, "chunks": n - 1})) is None
+    assert reusable_knn(**{**build_args(single, stats), "num_extra_neighbors": 2}) is None
 
 
 @pytest.mark.autofaiss
@@ -131,6 +155,6 @@ if __name__ == "__main__":
     out = Path(sys.argv[2])
     torch.set_num_threads(1)
     D.init_distributed(device="cpu")
-    n = json.loads((out / "n.json").read_text())
-    sharded_chunks_to_precalculated_knn_(**build_args(out, n))
+    stats = json.loads((out / "stats.json").read_text())
+    sharded_chunks_to_precalculated_knn_(**build_args(out, stats))
     D.cleanup()

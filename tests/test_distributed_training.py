@@ -1,6 +1,7 @@
-"""TrainingWrapper under 2 ranks (gloo, CPU): rank 0 validates the database while the other waits,
-both open it read-only, the DDP step goes through ``wrapper.train_model``, evaluation is split and
-summed, and the checkpoint written by rank 0 alone loads in one process.
+"""TrainingWrapper under 2 ranks (gloo, CPU): the ranks build the database together (each embeds
+its share; the files equal one process's) or reuse one built by one process, both open it
+read-only, the DDP step goes through ``wrapper.train_model``, evaluation is split and summed, and
+the checkpoint written by rank 0 alone loads in one process.
 
 The database is built here, in one process, with the real offline embedder; the ranks reuse it.
 This file is also the per-rank script (``__main__`` below).
@@ -10,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,14 +25,14 @@ TINY = dict(max_seq_len=N, enc_dim=32, enc_depth=1, dec_dim=32, dec_depth=2,
 B = 2
 
 
-def make_wrapper(root: Path, model) -> TrainingWrapper:
+def make_wrapper(root: Path, model, **kwargs) -> TrainingWrapper:
     return TrainingWrapper(
         diablogpt=model, knn=K, chunk_size=C, documents_path=root / "docs", glob="*.txt",
         chunks_memmap_path=root / "db" / "train.chunks.dat",
         seqs_memmap_path=root / "db" / "train.seq.dat",
         doc_ids_memmap_path=root / "db" / "train.doc_ids.dat",
         max_chunks=10_000, max_seqs=1_000, knn_extra_neighbors=8, valid_fraction=0.3,
-        device="cpu")
+        device="cpu", **kwargs)
 
 
 def tiny_model():
@@ -108,6 +110,70 @@ def test_wrapper_built_before_the_process_group_builds_the_database_once(tmp_pat
     assert "joining it" in err1
     sizes = json.loads((tmp_path / "before_init.json").read_text())
     assert sizes[0] == sizes[1] and sizes[0]["train"] > 0
+
+
+# small batches: both ranks embed and search several batches of the tiny corpus; the search ranges
+# (multiples of 12) differ from the embedding ranges (multiples of 8)
+SMALL_BATCHES = dict(embed_batch_size=8, index_batch_size=12)
+
+
+def write_docs(root: Path) -> None:
+    (root / "docs").mkdir(parents=True)
+    for i, (name, text) in enumerate(default_corpus_documents().items()):
+        if i % 8 == 0:
+            (root / "docs" / name).write_text(text[:2000], encoding="utf-8")
+
+
+def test_two_ranks_build_the_database_together_and_equal_one_process(tmp_path):
+    """Issue 17: under torchrun every rank embeds and searches its own share of the training
+    chunks (rank 0 alone chunks the documents and builds the held-out split), and every file
+    equals the single-process build's, byte for byte."""
+    from diablogpt_pytorch._io import read_meta
+    from test_distributed import assert_ok, finish, launch
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    write_docs(one)
+    write_docs(two)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: bf16 matmuls round differently with other counts
+    try:
+        single = make_wrapper(one, tiny_model(), **SMALL_BATCHES)
+    finally:
+        torch.set_num_threads(threads)
+    results = finish(launch("build_together", two, script=__file__), timeout=240)
+    assert_ok(results)
+    (_, err0), (_, err1) = results
+
+    n = single.train_stats["chunks"]
+    shards = sorted((two / "db" / "train.chunks.emb.shards").glob("emb-*-of-00002.npy"))
+    ranges = [(read_meta(p)["inputs"]["start"], read_meta(p)["inputs"]["stop"]) for p in shards]
+    cut = ranges[0][1]
+    assert ranges == [(0, cut), (cut, n)] and 0 < cut < n and cut % 8 == 0
+    # each rank embedded its own range only; rank 0 alone chunked the documents
+    assert f"embedding chunks [0, {cut})" in err0 and f"[{cut}, {n})" not in err0
+    assert f"embedding chunks [{cut}, {n})" in err1 and "[0, " not in err1
+    assert "chunked " in err0 and "chunked " not in err1
+    assert "query knn" in err0 and "query knn" not in err1  # the held-out split: rank 0 alone
+    np.testing.assert_array_equal(np.concatenate([np.load(p) for p in shards]),
+                                  np.load(one / "db" / "train.chunks.emb.npy"))
+    names = sorted(p.name for p in (one / "db").iterdir() if p.is_file()
+                   and not p.name.endswith(".json") and p.suffix != ".npy")
+    assert "train.chunks.knn.dat" in names and "train.chunks.valid.knn.dat" in names
+    for name in names:
+        assert (two / "db" / name).read_bytes() == (one / "db" / name).read_bytes(), name
+    assert read_meta(two / "db" / "train.chunks.knn.dat")["stats"]["world_size"] == 2
+    # one process then reuses what the ranks built: nothing is rebuilt
+    before = {p: p.stat().st_mtime_ns for p in (two / "db").rglob("*")}
+    again = make_wrapper(two, tiny_model(), **SMALL_BATCHES)
+    assert len(again.train_ds) == len(single.train_ds)
+    assert {p: p.stat().st_mtime_ns for p in (two / "db").rglob("*")} == before
+
+
+def _scenario_build_together(out: Path, info):
+    import logging
+
+    logging.basicConfig(level=logging.INFO)
+    make_wrapper(out, tiny_model(), **SMALL_BATCHES)
 
 
 def _scenario_before_init(out: Path, info):
