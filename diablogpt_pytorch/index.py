@@ -481,7 +481,8 @@ def _faiss_index(rows: _Rows, factory: str, info: dict, seed: int):
     import faiss
 
     num, dim = rows.num, rows.dim
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexFlatIP(dim) if factory == "Flat" else faiss.index_factory(
+        dim, factory, faiss.METRIC_INNER_PRODUCT)
     logger.info("building faiss index %s over %d x %d vectors (about %s)", factory, num, dim,
                 _size_text(factory, num, dim))
     if not index.is_trained:
