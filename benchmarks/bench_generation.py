@@ -210,6 +210,7 @@ def retrieval_latency(workdir: Path, calls: int = 200, batch: int = 1) -> list[d
             search.append(time.perf_counter() - t)
         record = idx.index_record(path)
         out.append({"index": name, "factory": record["factory"], "chunks": n, "batch": batch,
+                    "query_dtype": r.dtype,
                     "search_params": record.get("search_params"), "recall_at_2": record.get("recall_at_2"),
                     "index_mb": round(record["bytes"] / 2**20, 3),
                     "retrieve_ms_mean": round(1000 * float(np.mean(times)), 3),
@@ -225,9 +226,10 @@ def latency_markdown(res: dict) -> str:
         "## Retrieval latency: exact and approximate indexes",
         "",
         f"`python benchmarks/bench_generation.py --retrieval-latency` (commit {res['commit']}, "
-        f"{res['cpu']}, {res['threads']} torch threads, load average {res['load_average']}): "
+        f"{res['cpu']}, {res['threads']} torch thread(s), load average {res['load_average']}): "
         f"milliseconds per `Retriever.retrieve` call over the default corpus database "
-        f"({res['batch_1'][0]['chunks']} chunks, all-MiniLM-L6-v2, fp32 queries): embedding the query "
+        f"({res['batch_1'][0]['chunks']} chunks, all-MiniLM-L6-v2, {res['batch_1'][0]['query_dtype']} "
+        "query embedding): embedding the query "
         "chunks, the faiss search, gathering neighbour tokens; `search` is the faiss search alone on "
         "the same queries embedded beforehand. Each index with the knobs its build tuned for "
         "recall@2 >= 0.9 (recall as recorded by the build, 1,000 sampled chunks).",

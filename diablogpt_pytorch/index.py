@@ -489,6 +489,17 @@ def _faiss_index(rows: _Rows, factory: str, info: dict, seed: int):
         ivf = faiss.try_extract_index_ivf(index)
         want = max(40 * (ivf.nlist if ivf is not None else 1), 10_000)
         sample = np.sort(np.random.default_rng(seed).choice(num, min(num, want), replace=False))
+        if ivf is not None and len(sample) < 39 * ivf.nlist:
+            ivf.cp.min_points_per_centroid = 1  # logged here instead of printed by faiss
+            logger.info("%d inverted lists of %s trained on %d vectors, fewer than the %d faiss "
+                        "recommends", ivf.nlist, factory, len(sample), 39 * ivf.nlist)
+        pq = getattr(faiss.downcast_index(ivf), "pq", None) if ivf is not None else None
+        if pq is not None and len(sample) < 39 * pq.ksub:
+            # faiss would print its own warning to stdout for every sub-quantizer: log it once
+            pq.cp.min_points_per_centroid = 1
+            logger.info("PQ codebooks of %s trained on %d vectors, fewer than the %d faiss "
+                        "recommends (a small database): recall is measured below", factory,
+                        len(sample), 39 * pq.ksub)
         start = time.perf_counter()
         index.train(rows.take(sample))
         info.update(train_vectors=int(len(sample)), train_seconds=round(time.perf_counter() - start, 3))
