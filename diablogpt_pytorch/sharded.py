@@ -242,7 +242,7 @@ def _build_index_from_shards(shard_paths: list[Path], shard_dir: Path, index_pat
                              meta: Optional[dict] = None):
     """The index over the shards in rank order: :func:`diablogpt_pytorch.index.build_index` reads
     them as one array (the same index, knobs and record as a single-process build of the same
-    vectors; autofaiss reads the folder of shards)."""
+    vectors, byte-identical with one faiss thread; autofaiss reads the folder of shards)."""
     shards = [np.load(p, mmap_mode="r") for p in shard_paths]
     if sum(len(s) for s in shards) != num_chunks or any(s.shape[1] != dim for s in shards):
         raise RuntimeError(f"the shards in {shard_dir} hold {sum(len(s) for s in shards)} vectors "

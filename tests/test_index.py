@@ -158,8 +158,19 @@ def test_tuning_doubles_the_knob_until_the_recall_is_reached(vectors, tmp_path):
     assert idx.measure_recall(built, vectors) == pytest.approx(record["recall_at_2"], abs=1e-4)
 
 
+@pytest.fixture
+def one_faiss_thread():
+    """HNSW inserts in parallel in an order that varies with more threads (so does its graph)."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
 @pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF64_HNSW32,Flat"])
-def test_sharded_and_single_process_builds_are_the_same_index(factory, tmp_path):
+def test_sharded_and_single_process_builds_are_the_same_index(factory, tmp_path, one_faiss_thread):
     from diablogpt_pytorch.sharded import _build_index_from_shards
 
     x = clustered(3000, 16, clusters=30)
