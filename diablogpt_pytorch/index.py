@@ -48,7 +48,7 @@ RECALL_TARGET = 0.9
 RECALL_QUERIES = 1000
 HNSW_M = 32
 #: vectors added to an index per call (storage is reserved first, so no buffer doubling)
-ADD_BATCH = 65536
+ADD_BATCH = 16384
 #: search knob caps: doubling stops here
 MAX_EF_SEARCH = 4096
 PathLike = Union[str, Path]
@@ -310,7 +310,7 @@ def search_knobs(index) -> dict[str, int]:
 
 
 def _exact_kth_scores(rows: _Rows, query_ids: np.ndarray, queries: np.ndarray, k: int,
-                      batch: int = 16384) -> np.ndarray:
+                      batch: int = 4096) -> np.ndarray:
     """Brute force: each query's k-th largest inner product over all other vectors."""
     best = np.full((len(queries), k), -np.inf, dtype=np.float32)
     for a, block in zip(range(0, rows.num, batch), rows.batches(batch)):
