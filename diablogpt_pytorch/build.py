@@ -90,7 +90,8 @@ class BuildSettings:
     """How a training run's database is built (``TrainingWrapper``'s arguments of the same names).
 
     ``tokenizer`` is the loaded LM tokenizer; ``embed_device`` the embedder's device;
-    ``embed_batch_size`` chunks embedded per step; ``index_batch_size`` queries per faiss search.
+    ``embed_batch_size`` chunks embedded per step; ``index_batch_size`` queries per faiss search;
+    ``index`` the faiss index (``index.build_index``'s ``index=``).
     """
 
     chunk_size: int
@@ -107,6 +108,7 @@ class BuildSettings:
     embed_batch_size: int = 128
     index_batch_size: int = 4096
     embed_dtype: Optional[str] = None
+    index: str = "auto"
 
 
 def build_split_files(settings: BuildSettings, documents: list[Path], paths: dict[str, Path], *,
@@ -175,6 +177,7 @@ def build_split_files(settings: BuildSettings, documents: list[Path], paths: dic
             chunks_to_embeddings_batch_size=s.embed_batch_size,
             max_index_memory_usage=s.max_index_memory_usage,
             current_memory_available=s.current_memory_available,
+            index=s.index,
             knn_batch_size=s.index_batch_size,
             embedder=s.embedder,
             device=s.embed_device,

@@ -62,8 +62,13 @@ def _entry(path: Path, root: Path, what: str) -> dict[str, Any]:
     path = Path(path)
     shown = _relative(path, root)
     meta = read_meta(path) or {}
-    return {"path": shown, "what": DESCRIPTIONS[what], "bytes": path.stat().st_size,
-            "build": meta.get("build")}
+    entry = {"path": shown, "what": DESCRIPTIONS[what], "bytes": path.stat().st_size,
+             "build": meta.get("build")}
+    if what == "index" and meta.get("index"):
+        # the faiss factory string, search knobs and measured recall@2 (index.build_index)
+        entry["faiss"] = {k: meta["index"].get(k) for k in
+                          ("factory", "search_params", "recall_at_2", "recall_queries")}
+    return entry
 
 
 def _embeddings_entry(chunks_path: Path, root: Path) -> dict[str, Any]:

@@ -608,13 +608,16 @@ def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_pat
                               current_memory_available: Union[str, int] = "1G",
                               embedder: Optional[str] = None, device: Union[str, torch.device] = "cpu",
                               dtype=None, faiss_gpu: bool = False, force_reprocess: bool = False,
-                              tokenizer=None):
+                              tokenizer=None, index: str = "auto",
+                              search_params: Union[None, str, dict] = None):
     """Embed every chunk and index the embeddings.
 
     Embeddings (float32, L2-normalised, (num_chunks, hidden)) are streamed to
     ``<dir>/<stem>.emb.npy`` beside the chunks; the index is saved to ``index_file`` (default
-    ``<dir>/<stem>.index``). Exact ``IndexFlatIP`` when it fits ``max_index_memory_usage``,
-    else autofaiss under that budget and ``current_memory_available``.
+    ``<dir>/<stem>.index``) by :func:`diablogpt_pytorch.index.build_index`: with ``index="auto"``
+    an exact ``IndexFlatIP`` when it fits ``max_index_memory_usage``, else an approximate faiss
+    index chosen under that budget, its search knobs tuned for recall@2 >= 0.9 (recorded in the
+    index's sidecar and applied whenever the index is loaded).
 
     Args:
         chunks_to_embeddings_batch_size: chunks read, embedded and written per step (the embedder
@@ -623,6 +626,11 @@ def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_pat
         embedder, device, dtype, use_cls_repr: how chunks are embedded (recorded in the sidecars,
             reused at query time by :class:`Retriever` and :func:`query_chunks_to_knn_`).
         faiss_gpu: return the index copied to the GPUs (the saved index is the CPU one).
+        index: ``"auto"``, ``"exact"``, ``"autofaiss"`` (``current_memory_available`` is its build
+            memory) or a faiss index factory string such as ``"HNSW32"`` or
+            ``"IVF1024_HNSW32,PQ48np"``. The index is rebuilt when what it resolves to changes.
+        search_params: ``nprobe`` / ``efSearch`` (``"nprobe=64"`` or a dict) instead of the
+            tuned ones: used for the build's recall record and for the returned index.
         tokenizer: the LM tokenizer the chunks were made with (an LMTokenizer or a
             :func:`~diablogpt_pytorch.tokenizer.load_tokenizer` spec; None: the embedder's
             WordPiece). Each chunk's decoded text is embedded (``embedder.embed_chunks``).
@@ -639,23 +647,22 @@ def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_pat
     dim = emb.hidden_size(embedder)
     embeddings = np.load(emb_path, mmap_mode="r")
 
-    exact = idx.flat_index_bytes(num_chunks, dim) <= idx.parse_memory(max_index_memory_usage)
-    index_inputs = {"kind": "index", "version": FORMAT_VERSION, "embeddings": _fingerprint(emb_path),
-                    "exact": exact, "num_chunks": num_chunks, "chunk_size": chunk_size, **settings}
-    if not exact:
-        index_inputs.update(max_index_memory_usage=str(max_index_memory_usage),
-                            current_memory_available=str(current_memory_available))
-    if _cached([index_path], index_inputs, "faiss index", force_reprocess) is not None:
-        index = idx.read_index(index_path)
+    index_inputs = {"kind": "index", "version": FORMAT_VERSION, "embeddings": fingerprint(emb_path),
+                    **idx.build_inputs(index, num_chunks, dim, max_index_memory_usage,
+                                       current_memory_available),
+                    "num_chunks": num_chunks, "chunk_size": chunk_size, **settings}
+    if cached_meta([index_path], index_inputs, "faiss index", force_reprocess) is not None:
+        built = idx.read_index(index_path, search_params=search_params)
     else:
         meta_path(index_path).unlink(missing_ok=True)
-        index = idx.build_index(embeddings, emb_path, index_path,
+        built = idx.build_index(embeddings, emb_path, index_path, index=index,
                                 max_index_memory_usage=max_index_memory_usage,
-                                current_memory_available=current_memory_available, exact=exact)
-        write_meta(index_path, {"inputs": index_inputs, "build": uuid.uuid4().hex})
+                                current_memory_available=current_memory_available,
+                                search_params=search_params,
+                                meta={"inputs": index_inputs, "build": uuid.uuid4().hex})
     if faiss_gpu:
-        index = idx.to_gpu(index)
-    return index, embeddings
+        built = idx.to_gpu(built)
+    return built, embeddings
 
 
 # ----------------------------------------------------------------------------- neighbours
@@ -682,14 +689,18 @@ def sequence_starts(seqs_memmap_path: Optional[PathLike], num_seqs: Optional[int
 def knn_inputs(index_path: PathLike, doc_ids_memmap_path: PathLike, num_chunks: int,
                num_nearest_neighbors: int, num_extra_neighbors: int, max_search_k: int, *,
                seqs_memmap_path: Optional[PathLike] = None,
-               seq_len: Optional[int] = None) -> dict[str, Any]:
+               seq_len: Optional[int] = None,
+               search_params: Union[None, str, dict] = None) -> dict[str, Any]:
     """What a knn file is made from (its sidecar's ``inputs``), the same for every build path."""
-    return {"kind": "knn", "version": FORMAT_VERSION, "index": fingerprint(index_path),
-            "doc_ids": fingerprint(doc_ids_memmap_path), "num_chunks": num_chunks,
-            "num_nearest_neighbors": num_nearest_neighbors,
-            "num_extra_neighbors": num_extra_neighbors, "max_search_k": max_search_k,
-            "sequences": None if seqs_memmap_path is None else {
-                "seqs": fingerprint(seqs_memmap_path), "seq_len": seq_len}}
+    inputs = {"kind": "knn", "version": FORMAT_VERSION, "index": fingerprint(index_path),
+              "doc_ids": fingerprint(doc_ids_memmap_path), "num_chunks": num_chunks,
+              "num_nearest_neighbors": num_nearest_neighbors,
+              "num_extra_neighbors": num_extra_neighbors, "max_search_k": max_search_k,
+              "sequences": None if seqs_memmap_path is None else {
+                  "seqs": fingerprint(seqs_memmap_path), "seq_len": seq_len}}
+    if search_params is not None:
+        inputs["search_params"] = idx.parse_search_params(search_params)
+    return inputs
 
 
 def search_neighbours(index, queries: np.ndarray, start: int, doc_ids: np.ndarray, k: int, *,
@@ -772,7 +783,8 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
                                  faiss_gpu: bool = False, force_reprocess: bool = False,
                                  seqs_memmap_path: Optional[PathLike] = None,
                                  num_seqs: Optional[int] = None, seq_len: Optional[int] = None,
-                                 tokenizer=None):
+                                 tokenizer=None, index: str = "auto",
+                                 search_params: Union[None, str, dict] = None):
     """Precompute each chunk's K nearest neighbours from OTHER documents.
 
     Builds (or reuses) embeddings and index with :func:`chunks_to_index_and_embed`, then searches
@@ -787,6 +799,10 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
     :func:`sequence_documents`): the paper's rule, so that no neighbour shows a sequence its own
     text. ``TrainingWrapper`` always passes them.
 
+    ``index`` / ``search_params``: which faiss index, and its search knobs (see
+    :func:`chunks_to_index_and_embed`); with an approximate index the neighbours are approximate
+    (recall@2 against exact search is recorded in the index's sidecar).
+
     Writes ``<dir>/<stem>.knn<suffix>`` (``train.chunks.dat`` -> ``train.chunks.knn.dat``),
     int32 (num_chunks, num_nearest_neighbors), nearest first.
 
@@ -799,57 +815,33 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
         raise ValueError(f"num_extra_neighbors must be >= 0, got {num_extra_neighbors}")
     doc_ids = open_doc_ids(doc_ids_memmap_path, num_chunks)
     seq_starts = sequence_starts(seqs_memmap_path, num_seqs, seq_len, chunk_size)
-    index, embeddings = chunks_to_index_and_embed(
+    faiss_index, embeddings = chunks_to_index_and_embed(
         num_chunks, chunk_size, chunk_memmap_path, use_cls_repr=use_cls_repr,
         chunks_to_embeddings_batch_size=chunks_to_embeddings_batch_size, embed_dim=embed_dim,
         index_file=index_file, max_index_memory_usage=max_index_memory_usage,
         current_memory_available=current_memory_available, embedder=embedder, device=device,
-        dtype=dtype, faiss_gpu=faiss_gpu, force_reprocess=force_reprocess, tokenizer=tokenizer)
+        dtype=dtype, faiss_gpu=faiss_gpu, force_reprocess=force_reprocess, tokenizer=tokenizer,
+        index=index, search_params=search_params)
     index_path = Path(index_file) if index_file is not None else index_path_for(chunk_memmap_path)
     knn_path = knn_path_for(chunk_memmap_path)
     inputs = knn_inputs(index_path, doc_ids_memmap_path, num_chunks, num_nearest_neighbors,
                         num_extra_neighbors, max_search_k, seqs_memmap_path=seqs_memmap_path,
-                        seq_len=seq_len)
+                        seq_len=seq_len, search_params=search_params)
     if cached_meta([knn_path], inputs, "knn", force_reprocess) is not None:
-        return knn_path, index
+        return knn_path, faiss_index
 
     meta_path(knn_path).unlink(missing_ok=True)
     with atomic_path(knn_path) as tmp:
         knn = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(num_chunks, num_nearest_neighbors))
         incomplete = search_neighbours_range_(
-            index, embeddings, knn, 0, num_chunks, doc_ids, num_nearest_neighbors,
+            faiss_index, embeddings, knn, 0, num_chunks, doc_ids, num_nearest_neighbors,
             batch_size=knn_batch_size, num_extra_neighbors=num_extra_neighbors,
             max_search_k=max_search_k, seq_starts=seq_starts,
             chunks_per_seq=None if seq_len is None else seq_len // chunk_size)
         knn.flush()
         del knn
     record_knn_(knn_path, inputs, incomplete, num_chunks, num_nearest_neighbors)
-    return knn_path, index
-
-    meta_path(knn_path).unlink(missing_ok=True)
-    K = num_nearest_neighbors
-    incomplete = 0
-    with atomic_path(knn_path) as tmp:
-        knn = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(num_chunks, K))
-        for start in tqdm(range(0, num_chunks, knn_batch_size), desc="searching", unit="batch"):
-            stop = min(num_chunks, start + knn_batch_size)
-            ids, _ = idx.search_excluding(
-                index, embeddings[start:stop], K, num_extra=num_extra_neighbors,
-                self_ids=np.arange(start, stop), query_doc_ids=np.asarray(doc_ids[start:stop]),
-                doc_ids=doc_ids, max_k=max_search_k,
-                exclude_doc_ids=None if seq_starts is None else sequence_documents_window(
-                    seq_starts, doc_ids, seq_len // chunk_size, start, stop))
-            knn[start:stop] = ids
-            incomplete += int((ids < 0).any(axis=1).sum())
-        knn.flush()
-        del knn
-    if incomplete:
-        logger.warning("%d of %d chunks have fewer than %d neighbours from other documents "
-                       "(missing ones are -1)", incomplete, num_chunks, K)
-    write_meta(knn_path, {"inputs": inputs, "stats": {"incomplete_rows": incomplete},
-                          "build": uuid.uuid4().hex})
-    logger.info("wrote %d x %d neighbours to %s", num_chunks, K, knn_path)
-    return knn_path, index
+    return knn_path, faiss_index
 
 
 def _index_settings(index_path: Path) -> dict[str, Any]:
@@ -893,13 +885,15 @@ def query_chunks_to_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size
                          db_index_file: Optional[PathLike] = None, knn_path: Optional[PathLike] = None,
                          batch_size: int = 128, device: Union[str, torch.device] = "cpu",
                          embedder: Optional[str] = None, faiss_gpu: bool = False,
-                         force_reprocess: bool = False, tokenizer=None) -> Path:
+                         force_reprocess: bool = False, tokenizer=None,
+                         search_params: Union[None, str, dict] = None) -> Path:
     """Neighbours in an existing database for chunks of OTHER documents (e.g. a held-out split).
 
     The query chunks (``chunk_memmap_path``, same layout as the database's) are embedded in
     batches exactly as the database was (embedder, pooling and precision are read from the
     index's sidecar; ``tokenizer``, the LM tokenizer of both, must be the one recorded there) and
-    searched; no exclusion is applied. Writes ``knn_path`` (default
+    searched (with the search knobs recorded at the index's build, or ``search_params``); no
+    exclusion is applied. Writes ``knn_path`` (default
     ``<dir>/<stem>.knn<suffix>`` of the query chunks), int32 (num_chunks, K), ids into the
     database chunks.
 
@@ -920,10 +914,12 @@ def query_chunks_to_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size
     inputs = {"kind": "query_knn", "version": FORMAT_VERSION, "queries": fingerprint(chunk_memmap_path),
               "index": fingerprint(index_path), "num_chunks": num_chunks,
               "num_nearest_neighbors": num_nearest_neighbors}
+    if search_params is not None:
+        inputs["search_params"] = idx.parse_search_params(search_params)
     if cached_meta([knn_path], inputs, "query knn", force_reprocess) is not None:
         return knn_path
     meta_path(knn_path).unlink(missing_ok=True)
-    index = idx.read_index(index_path, faiss_gpu=faiss_gpu)
+    index = idx.read_index(index_path, faiss_gpu=faiss_gpu, search_params=search_params)
     with atomic_path(knn_path) as tmp:
         knn = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(num_chunks, num_nearest_neighbors))
         for start in tqdm(range(0, num_chunks, batch_size), desc="query search", unit="batch"):
@@ -965,12 +961,15 @@ class Retriever:
         tokenizer: the LM tokenizer of the database (an LMTokenizer or a load_tokenizer spec;
             None: the embedder's WordPiece); must match the one recorded in the index's sidecar.
             Query chunks are embedded from their decoded text exactly as the database was.
+        search_params: ``nprobe`` / ``efSearch`` of an approximate index (``"efSearch=128"`` or a
+            dict); default: the ones its build tuned and recorded in the index's sidecar.
     """
 
     def __init__(self, chunk_memmap_path: PathLike, doc_ids_memmap_path: Optional[PathLike] = None,
                  index_file: Optional[PathLike] = None, *, embedder: Optional[str] = None,
                  device: Union[str, torch.device] = "cpu", faiss_gpu: bool = False,
-                 num_extra_neighbors: int = 10, max_search_k: int = 4096, tokenizer=None):
+                 num_extra_neighbors: int = 10, max_search_k: int = 4096, tokenizer=None,
+                 search_params: Union[None, str, dict] = None):
         self.index_path = Path(index_file) if index_file else index_path_for(chunk_memmap_path)
         settings = _index_settings(self.index_path)
         self.embedder = _query_embedder(settings, embedder, self.index_path)
@@ -986,7 +985,7 @@ class Retriever:
         self.doc_ids = (None if doc_ids_memmap_path is None
                         else open_doc_ids(doc_ids_memmap_path, self.num_chunks))
         self.pad_id, self.eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
-        self.index = idx.read_index(self.index_path, faiss_gpu=faiss_gpu)
+        self.index = idx.read_index(self.index_path, faiss_gpu=faiss_gpu, search_params=search_params)
         if self.index.ntotal != self.num_chunks:
             raise ValueError(f"{self.index_path} holds {self.index.ntotal} vectors but "
                              f"{chunk_memmap_path} has {self.num_chunks} chunks: rebuild the index")

@@ -17,11 +17,10 @@ What each rank does, for chunks ``train.chunks.dat`` and ``W`` ranks:
    multiples of ``chunks_to_embeddings_batch_size``, so every embedding batch holds exactly the
    chunks it holds in the single-process build: the shards concatenated are bit-identical to the
    single-process ``.emb.npy``.
-2. Rank 0 builds the index from the shards, in rank order: an exact ``IndexFlatIP`` (vectors added
-   shard by shard) when it fits ``max_index_memory_usage``, else autofaiss reading the folder of
-   shards (autofaiss reads the ``.npy`` files of a folder in sorted name order, which the
-   zero-padded names make rank order; its ``distributed="pyspark"`` mode is the path for
-   databases beyond one machine's memory, not wired here). The others wait.
+2. Rank 0 builds the index from the shards, read in rank order as one array, with
+   :func:`diablogpt_pytorch.index.build_index` (``index=``: the same choice, training sample,
+   search knobs and recall record as the single-process build; autofaiss reads the folder of
+   shards, whose zero-padded names sort in rank order). The others wait.
 3. Every rank loads the index read-only and searches the neighbours of its own range (boundaries
    on multiples of ``knn_batch_size``; the query embeddings are read from the shards that cover
    it) into its own part file ``train.chunks.knn.parts/knn-<rank>-of-<W>.dat``, with the
@@ -135,7 +134,7 @@ def reusable_knn(
         force_reprocess: bool = False, seqs_memmap_path: Optional[PathLike] = None,
         num_seqs: Optional[int] = None, seq_len: Optional[int] = None, tokenizer=None,
         chunks_to_embeddings_batch_size: int = 256, knn_batch_size: int = 4096,
-        embed_dim: Optional[int] = None) -> Optional[tuple[Path, Path]]:
+        embed_dim: Optional[int] = None, index: str = "auto") -> Optional[tuple[Path, Path]]:
     """(knn_path, index_path) when the knn file, its index and the embeddings the index was built
     from are on disk and current for these chunks and arguments, whichever build made them (one
     process: ``<stem>.emb.npy``; ranks: the shards); else None. Builds nothing: it lets a
@@ -159,11 +158,8 @@ def reusable_knn(
         lm = R.lm_tokenizer(tokenizer, embedder, path=R.tokenizer_path_for(chunk_memmap_path))
         wanted = {"num_chunks": num_chunks, "chunk_size": chunk_size,
                   **R.embedding_settings(embedder, use_cls_repr, dtype, device, lm),
-                  "exact": idx.flat_index_bytes(num_chunks, R.emb.hidden_size(embedder))
-                  <= idx.parse_memory(max_index_memory_usage)}
-        if not wanted["exact"]:
-            wanted.update(max_index_memory_usage=str(max_index_memory_usage),
-                          current_memory_available=str(current_memory_available))
+                  **idx.build_inputs(index, num_chunks, R.emb.hidden_size(embedder),
+                                     max_index_memory_usage, current_memory_available)}
         if any(not _same(built.get(k), v) for k, v in wanted.items()):
             return None
         if "embeddings" in built:
@@ -197,7 +193,7 @@ def sharded_chunks_to_precalculated_knn_(
         max_search_k: int = 4096, embedder: Optional[str] = None,
         device: Union[str, torch.device] = "cpu", dtype=None, force_reprocess: bool = False,
         seqs_memmap_path: Optional[PathLike] = None, num_seqs: Optional[int] = None,
-        seq_len: Optional[int] = None, tokenizer=None) -> tuple[Path, Path]:
+        seq_len: Optional[int] = None, tokenizer=None, index: str = "auto") -> tuple[Path, Path]:
     """Embeddings, index and the knn file of a chunk database, split across all ranks.
 
     Arguments as :func:`~diablogpt_pytorch.retrieval.chunks_to_precalculated_knn_` (``device`` is
@@ -241,7 +237,7 @@ def sharded_chunks_to_precalculated_knn_(
                 current_memory_available=current_memory_available, max_search_k=max_search_k,
                 embedder=embedder, device=device, dtype=dtype, force_reprocess=force_reprocess,
                 seqs_memmap_path=seqs_memmap_path, num_seqs=num_seqs, seq_len=seq_len,
-                tokenizer=tokenizer)
+                tokenizer=tokenizer, index=index)
     if D.broadcast_object(reused is not None, what="sharing the reuse decision"):
         return knn_path, index_path
 
@@ -274,19 +270,18 @@ def sharded_chunks_to_precalculated_knn_(
                 if p not in shard_paths:  # a rank whose range is empty now: stale
                     p.unlink()
                     meta_path(p).unlink(missing_ok=True)
-            exact = idx.flat_index_bytes(num_chunks, dim) <= idx.parse_memory(max_index_memory_usage)
             index_inputs = {"kind": "index", "version": R.FORMAT_VERSION,
                             "embedding_shards": [R.fingerprint(p) for p in shard_paths],
-                            "exact": exact, "chunk_memmap_path": str(chunk_memmap_path.resolve()),
+                            **idx.build_inputs(index, num_chunks, dim, max_index_memory_usage,
+                                               current_memory_available),
+                            "chunk_memmap_path": str(chunk_memmap_path.resolve()),
                             "num_chunks": num_chunks, "chunk_size": chunk_size, **settings}
-            if not exact:
-                index_inputs.update(max_index_memory_usage=str(max_index_memory_usage),
-                                    current_memory_available=str(current_memory_available))
             if R.cached_meta([index_path], index_inputs, "faiss index", force_reprocess) is None:
                 meta_path(index_path).unlink(missing_ok=True)
-                _build_index_from_shards(shard_paths, shard_dir, index_path, num_chunks, dim, exact,
-                                         max_index_memory_usage, current_memory_available)
-                write_meta(index_path, {"inputs": index_inputs, "build": uuid.uuid4().hex})
+                _build_index_from_shards(shard_paths, shard_dir, index_path, num_chunks, dim,
+                                         index=index, max_index_memory_usage=max_index_memory_usage,
+                                         current_memory_available=current_memory_available,
+                                         meta={"inputs": index_inputs, "build": uuid.uuid4().hex})
             knn_inputs = R.knn_inputs(index_path, doc_ids_memmap_path, num_chunks, K,
                                       num_extra_neighbors, max_search_k,
                                       seqs_memmap_path=seqs_memmap_path, seq_len=seq_len)
@@ -337,43 +332,22 @@ def sharded_chunks_to_precalculated_knn_(
 
 
 def _build_index_from_shards(shard_paths: list[Path], shard_dir: Path, index_path: Path,
-                             num_chunks: int, dim: int, exact: bool, max_index_memory_usage,
-                             current_memory_available) -> None:
-    import faiss
-
-    if exact:
-        index = faiss.IndexFlatIP(dim)
-        for p in tqdm(shard_paths, desc="indexing shards", unit="shard"):
-            shard = np.load(p, mmap_mode="r")
-            for a in range(0, len(shard), 65536):
-                index.add(np.ascontiguousarray(shard[a:a + 65536], dtype=np.float32))
-    else:
-        from autofaiss import build_index as autofaiss_build_index
-
-        logger.info("building an approximate index of %d x %d vectors with autofaiss from %d "
-                    "shards in %s", num_chunks, dim, len(shard_paths), shard_dir)
-        work = index_path.with_name(f".{index_path.name}.autofaiss")
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        try:
-            index, _ = autofaiss_build_index(
-                embeddings=str(shard_dir), index_path=str(work / "knn.index"),
-                index_infos_path=str(work / "infos.json"),
-                max_index_memory_usage=str(max_index_memory_usage),
-                current_memory_available=str(current_memory_available), metric_type="ip",
-                save_on_disk=False, verbose=logging.WARNING)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        if index is None:
-            raise RuntimeError(
-                f"autofaiss could not build an index of {num_chunks} x {dim} vectors under "
-                f"max_index_memory_usage={max_index_memory_usage!r} and current_memory_available="
-                f"{current_memory_available!r}: raise them")
-    if index.ntotal != num_chunks:
-        raise RuntimeError(f"the index from {shard_dir} holds {index.ntotal} vectors, expected "
-                           f"{num_chunks}: a shard is missing or stale; rebuild (REPROCESS=1)")
-    with atomic_path(index_path) as tmp:
-        faiss.write_index(index, str(tmp))
+                             num_chunks: int, dim: int, *, index: str = "auto",
+                             max_index_memory_usage="100m", current_memory_available="1G",
+                             meta: Optional[dict] = None):
+    """The index over the shards in rank order: :func:`diablogpt_pytorch.index.build_index` reads
+    them as one array (the same index, knobs and record as a single-process build of the same
+    vectors, byte-identical with one faiss thread; autofaiss reads the folder of shards)."""
+    shards = [np.load(p, mmap_mode="r") for p in shard_paths]
+    if sum(len(s) for s in shards) != num_chunks or any(s.shape[1] != dim for s in shards):
+        raise RuntimeError(f"the shards in {shard_dir} hold {sum(len(s) for s in shards)} vectors "
+                           f"of shapes {[s.shape for s in shards]}, expected {num_chunks} x {dim}: "
+                           "a shard is missing or stale; rebuild (REPROCESS=1)")
+    logger.info("building the index of %d x %d vectors from %d shards in %s", num_chunks, dim,
+                len(shard_paths), shard_dir)
+    return idx.build_index(shards, shard_dir, index_path, index=index,
+                           max_index_memory_usage=max_index_memory_usage,
+                           current_memory_available=current_memory_available, meta=meta)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -399,6 +373,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--knn-batch-size", type=int, default=4096)
     parser.add_argument("--max-index-memory-usage", default="100m")
     parser.add_argument("--current-memory-available", default="1G")
+    parser.add_argument("--index", default="auto", help="'auto', 'exact', 'autofaiss' or a faiss "
+                        "index factory string (e.g. HNSW32, IVF1024_HNSW32,PQ48np)")
     parser.add_argument("--embedder", default=None)
     parser.add_argument("--tokenizer", default=None, help="LM tokenizer spec (default: the "
                         "embedder's WordPiece; 'train': a BPE trained on the documents)")
@@ -425,7 +401,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         max_index_memory_usage=args.max_index_memory_usage,
         current_memory_available=args.current_memory_available, embedder=args.embedder,
         device=args.device or info.device, seqs_memmap_path=paths["seq"],
-        num_seqs=stats["seqs"], seq_len=args.seq_len, tokenizer=args.tokenizer)
+        num_seqs=stats["seqs"], seq_len=args.seq_len, tokenizer=args.tokenizer, index=args.index)
     if info.is_main:
         logger.info("%d chunks from %d documents on %d rank(s): index %s, neighbours %s",
                     stats["chunks"], stats["docs"], info.world_size, index_path, knn_path)

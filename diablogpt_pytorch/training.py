@@ -56,6 +56,8 @@ class TrainingWrapper:
         knn_extra_neighbors: extra candidates fetched per chunk so that same-document ones can be
             dropped.
         max_index_memory_usage, current_memory_available: faiss index budget (autofaiss style).
+        index: the faiss index: ``"auto"`` (exact when it fits the budget, else approximate),
+            ``"exact"``, ``"autofaiss"`` or a faiss factory string (see ``index.build_index``).
 
     Extras:
         valid_fraction: share of documents held out for ``evaluate`` (0 disables; default 0.1).
@@ -115,6 +117,7 @@ class TrainingWrapper:
         embed_dtype: Optional[str] = None,
         tokenizer: Any = None,
         tokenizer_vocab_size: Optional[int] = None,
+        index: str = "auto",
     ):
         from diablogpt_pytorch import embedder as emb
         from diablogpt_pytorch import tokenizer as lm_tokenizer
@@ -129,6 +132,7 @@ class TrainingWrapper:
         self.knn_extra_neighbors = int(knn_extra_neighbors)
         self.max_index_memory_usage = max_index_memory_usage
         self.current_memory_available = current_memory_available
+        self.index_spec = index
         self.valid_fraction = float(valid_fraction)
         self.embedder = emb.resolve_embedder(embedder)
         self.device = torch.device(device) if device is not None else next(diablogpt.parameters()).device
@@ -175,7 +179,8 @@ class TrainingWrapper:
             max_index_memory_usage=self.max_index_memory_usage,
             current_memory_available=self.current_memory_available,
             embed_device=self.embed_device, embed_batch_size=self.embed_batch_size,
-            index_batch_size=self.index_batch_size, embed_dtype=self.embed_dtype)
+            index_batch_size=self.index_batch_size, embed_dtype=self.embed_dtype,
+            index=self.index_spec)
         # the training split: every rank takes part (under torchrun each embeds and searches its
         # share); the held-out split: rank 0 builds or validates it (the others wait); then every
         # rank opens the files

@@ -141,7 +141,8 @@ def test_autofaiss_index_reads_the_shard_folder_in_rank_order(tmp_path):
     np.save(folder / "emb-00000-of-00003.npy", vectors[:10])  # stale: another layout
     _remove_other_layouts(folder, 2, "emb", ".npy")
     assert sorted(p.name for p in folder.iterdir()) == [p.name for p in shards]
-    _build_index_from_shards(shards, folder, tmp_path / "db.index", 600, 16, False, "10k", "1G")
+    _build_index_from_shards(shards, folder, tmp_path / "db.index", 600, 16, index="autofaiss",
+                             max_index_memory_usage="10k", current_memory_available="1G")
     index = faiss.read_index(str(tmp_path / "db.index"))
     assert index.ntotal == 600
     _, ids = index.search(vectors[[0, 349, 350, 599]], 1)

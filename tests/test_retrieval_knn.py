@@ -451,17 +451,17 @@ def test_over_budget_databases_use_autofaiss(tmp_path):
     import faiss
 
     vectors = _unit_vectors(tmp_path / "e.npy", 500, 16)
-    index = idx.build_index(vectors, tmp_path / "e.npy", tmp_path / "e.index",
+    index = idx.build_index(vectors, tmp_path / "e.npy", tmp_path / "e.index", index="autofaiss",
                             max_index_memory_usage="1k", current_memory_available="256m")
     assert index.ntotal == 500 and index.metric_type == faiss.METRIC_INNER_PRODUCT
     assert (tmp_path / "e.index").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.index", "e.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.index", "e.index.meta.json", "e.npy"]
 
 
 @pytest.mark.autofaiss
 def test_infeasible_autofaiss_budget_is_a_clear_error(tmp_path):
     vectors = _unit_vectors(tmp_path / "e.npy", 10_000, 16)
     with pytest.raises(RuntimeError, match=r"raise max_index_memory_usage \(an exact index needs 1m\)"):
-        idx.build_index(vectors, tmp_path / "e.npy", tmp_path / "e.index",
+        idx.build_index(vectors, tmp_path / "e.npy", tmp_path / "e.index", index="autofaiss",
                         max_index_memory_usage="1k", current_memory_available="256m")
     assert not (tmp_path / "e.index").exists()
