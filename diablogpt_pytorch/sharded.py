@@ -54,13 +54,11 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from diablogpt_pytorch import distributed as D
 from diablogpt_pytorch import index as idx
 from diablogpt_pytorch import retrieval as R
-from diablogpt_pytorch._io import (atomic_path, meta_path, reprocess_requested, trusted_meta,
-                                   write_meta)
+from diablogpt_pytorch._io import atomic_path, meta_path, reprocess_requested, trusted_meta
 
 logger = logging.getLogger(__name__)
 
