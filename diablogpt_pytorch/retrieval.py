@@ -10,12 +10,15 @@ Public functions (the seed's names; extra keyword arguments are ours):
 - :class:`Retriever`: generation-time lookup, built from the files on disk alone.
 
 The stages those functions run, public so that the ``torchrun`` build
-(:mod:`diablogpt_pytorch.sharded`) runs the same code on each rank's range:
+(:mod:`diablogpt_pytorch.sharded`) runs the same code on each rank's range, and the incremental
+update (:mod:`diablogpt_pytorch.update`) on the new documents:
 :func:`embed_chunks_file_` (chunks -> a ``.npy`` of embeddings, any range), :func:`search_neighbours`
 (one batch of queries: search, exclusions, ranking) and its loop :func:`search_neighbours_range_`,
 :func:`sequence_starts`, :func:`knn_inputs` and :func:`record_knn_` (the knn file's sidecar), and
 the provenance helpers :func:`fingerprint`, :func:`cached_meta`, :func:`lm_tokenizer`,
-:func:`embedding_settings`, :func:`check_embedder_matches_chunks`, :func:`embed_memmap`.
+:func:`embedding_settings`, :func:`check_embedder_matches_chunks`, :func:`embed_memmap`,
+:func:`check_tokenizer`, :func:`query_embedder`, and the document readers :func:`document_files`,
+:func:`files_digest`, :func:`read_text`, :func:`document_batches`.
 
 File formats: for ``train.chunks.dat`` with chunk size C,
 
@@ -103,7 +106,7 @@ def lm_tokenizer(tokenizer, embedder: Optional[str], documents=None, path=None):
     return load_tokenizer(tokenizer, embedder=embedder, documents=documents, path=path)
 
 
-def _check_tokenizer(recorded: Optional[dict[str, Any]], lm, where: PathLike) -> None:
+def check_tokenizer(recorded: Optional[dict[str, Any]], lm, where: PathLike) -> None:
     """Raise when ``where`` records an LM tokenizer other than ``lm``."""
     if recorded is not None and recorded.get("fingerprint") != lm.fingerprint():
         raise ValueError(
@@ -213,7 +216,7 @@ def bert_embed(token_ids: torch.Tensor, return_cls_repr: bool = False, pad_id: O
 # ----------------------------------------------------------------------------- folder -> chunks
 
 
-def _list_documents(folder: Optional[PathLike], glob: str, paths: Optional[Iterable[PathLike]]
+def document_files(folder: Optional[PathLike], glob: str, paths: Optional[Iterable[PathLike]]
                     ) -> tuple[list[Path], Optional[Path]]:
     if paths is not None:
         files = [Path(p) for p in paths]
@@ -239,7 +242,7 @@ def _list_documents(folder: Optional[PathLike], glob: str, paths: Optional[Itera
     return files, root
 
 
-def _files_digest(files: list[Path], root: Optional[Path]) -> str:
+def files_digest(files: list[Path], root: Optional[Path]) -> str:
     h = hashlib.sha256()
     for p in files:
         st = p.stat()
@@ -248,7 +251,7 @@ def _files_digest(files: list[Path], root: Optional[Path]) -> str:
     return h.hexdigest()
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     data = path.read_bytes()
     try:
         return data.decode("utf-8")
@@ -258,7 +261,7 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8", errors="replace")
 
 
-def _document_batches(documents: Iterable[tuple[Any, str]], docs_per_batch: int,
+def document_batches(documents: Iterable[tuple[Any, str]], docs_per_batch: int,
                       bytes_per_batch: int) -> Iterator[list[tuple[Any, str]]]:
     batch, size = [], 0
     for path, text in documents:
@@ -328,9 +331,9 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
         train_on = ([text for _, text in documents]
                     if isinstance(tokenizer, str) and tokenizer == "train" else None)
     else:
-        files, root = _list_documents(folder, glob, paths)
-        num_files, source, digest = len(files), None, _files_digest(files, root)
-        items = ((p, _read_text(p)) for p in files)
+        files, root = document_files(folder, glob, paths)
+        num_files, source, digest = len(files), None, files_digest(files, root)
+        items = ((p, read_text(p)) for p in files)
         train_on = files
     if num_files == 0:
         raise ValueError(f"the document source {source} holds no documents")
@@ -380,7 +383,7 @@ def text_folder_to_chunks_(folder: Optional[PathLike] = None, glob: str = "**/*.
         f_chunks = stack.enter_context(open(tmp_chunks, "wb"))
         f_docs = stack.enter_context(open(tmp_docs, "wb"))
         bar = stack.enter_context(tqdm(total=num_files, desc="chunking", unit="doc"))
-        for batch in _document_batches(items, docs_per_batch, 8 << 20):
+        for batch in document_batches(items, docs_per_batch, 8 << 20):
             # special-token strings in a document must not become the eos or pad id (that would
             # end the document or hide tokens from the loss): every LMTokenizer encodes them as text
             ids_batch = info.encode_batch([t for _, t in batch])
@@ -525,7 +528,7 @@ def check_embedder_matches_chunks(chunk_memmap_path: PathLike, embedder: Optiona
     recorded = (meta or {}).get("inputs", {}).get("tokenizer")
     if lm.kind != "bert" or (recorded is not None and recorded.get("kind") != "bert"):
         # the chunks hold another LM tokenizer's ids: any embedder embeds their decoded text
-        _check_tokenizer(recorded, lm, chunk_memmap_path)
+        check_tokenizer(recorded, lm, chunk_memmap_path)
         return
     made_with = (meta or {}).get("inputs", {}).get("embedder")
     if made_with is not None and made_with != emb.embedder_identity(embedder):
@@ -854,7 +857,7 @@ def _index_settings(index_path: Path) -> dict[str, Any]:
     return meta["inputs"]
 
 
-def _query_embedder(settings: dict[str, Any], embedder: Optional[str], index_path: Path) -> str:
+def query_embedder(settings: dict[str, Any], embedder: Optional[str], index_path: Path) -> str:
     recorded = settings["embedder_name"]
     if embedder is not None and emb.embedder_identity(embedder) != settings["embedder"]:
         raise ValueError(f"{index_path} was built with embedder {settings['embedder']!r}, not "
@@ -905,9 +908,9 @@ def query_chunks_to_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size
     if settings["chunk_size"] != chunk_size:
         raise ValueError(f"database {index_path} has chunk_size {settings['chunk_size']}, queries "
                          f"{chunk_size}: they must be equal")
-    name = _query_embedder(settings, embedder, index_path)
+    name = query_embedder(settings, embedder, index_path)
     lm = _query_tokenizer(settings, tokenizer, name, index_path)
-    _check_tokenizer((read_meta(chunk_memmap_path) or {}).get("inputs", {}).get("tokenizer"), lm,
+    check_tokenizer((read_meta(chunk_memmap_path) or {}).get("inputs", {}).get("tokenizer"), lm,
                      chunk_memmap_path)
     chunks = open_chunks(chunk_memmap_path, num_chunks, chunk_size)
     knn_path = Path(knn_path) if knn_path is not None else knn_path_for(chunk_memmap_path)
@@ -932,15 +935,6 @@ def query_chunks_to_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size
         del knn
     write_meta(knn_path, {"inputs": inputs, "build": uuid.uuid4().hex})
     return knn_path
-
-
-# the names these helpers had when they were private, for callers written against them
-_lm_tokenizer = lm_tokenizer
-_fingerprint = fingerprint
-_cached = cached_meta
-_embedding_settings = embedding_settings
-_check_embedder_matches_chunks = check_embedder_matches_chunks
-_embed_memmap = embed_memmap
 
 
 # ----------------------------------------------------------------------------- generation
@@ -972,7 +966,7 @@ class Retriever:
                  search_params: Union[None, str, dict] = None):
         self.index_path = Path(index_file) if index_file else index_path_for(chunk_memmap_path)
         settings = _index_settings(self.index_path)
-        self.embedder = _query_embedder(settings, embedder, self.index_path)
+        self.embedder = query_embedder(settings, embedder, self.index_path)
         self.tokenizer = _query_tokenizer(settings, tokenizer, self.embedder, self.index_path)
         self.chunk_size = int(settings["chunk_size"])
         self.num_chunks = int(settings["num_chunks"])

@@ -89,7 +89,7 @@ class _State:
                                  "(`diablogpt build-db` or TrainingWrapper) before updating it")
             self.meta[name] = meta
         builds = {self.meta[n].get("build") for n in ("chunks", "seqs", "doc_ids")}
-        fp = retrieval._fingerprint
+        fp = retrieval.fingerprint
         chain = [("embeddings", "chunks", "chunks"), ("index", "embeddings", "embeddings"),
                  ("knn", "index", "index"), ("knn", "doc_ids", "doc_ids")]
         stale = [f"{self.paths[a]} was made from another {b} file" for a, key, b in chain
@@ -102,10 +102,10 @@ class _State:
             raise ValueError(f"the database {str(self.db.folder)!r} is not a consistent build ("
                              + "; ".join(stale) + "): rebuild it before updating it")
         self.tokenizer = self.db.tokenizer()
-        retrieval._check_tokenizer(self.meta["chunks"]["inputs"].get("tokenizer"), self.tokenizer,
+        retrieval.check_tokenizer(self.meta["chunks"]["inputs"].get("tokenizer"), self.tokenizer,
                                    self.paths["chunks"])
         self.settings = self.meta["index"]["inputs"]
-        self.embedder = retrieval._query_embedder(self.settings, None, self.paths["index"])
+        self.embedder = retrieval.query_embedder(self.settings, None, self.paths["index"])
         self.knn_inputs = self.meta["knn"]["inputs"]
         self.K = int(self.knn_inputs["num_nearest_neighbors"])
         seqs = self.knn_inputs.get("sequences")
@@ -153,11 +153,11 @@ def _iter_documents(documents, glob: str) -> tuple[Iterator[tuple[Any, str]], in
     if isinstance(documents, (str, os.PathLike)) and Path(documents).is_file():
         documents = [documents]
     if isinstance(documents, (str, os.PathLike)):
-        files, root = retrieval._list_documents(documents, glob, None)
+        files, root = retrieval.document_files(documents, glob, None)
     else:
-        files, root = retrieval._list_documents(None, glob, list(documents))
-    return (((p, retrieval._read_text(p)) for p in files), len(files),
-            retrieval._files_digest(files, root))
+        files, root = retrieval.document_files(None, glob, list(documents))
+    return (((p, retrieval.read_text(p)) for p in files), len(files),
+            retrieval.files_digest(files, root))
 
 
 # ----------------------------------------------------------------------------- shared steps
@@ -236,7 +236,7 @@ class _Update:
         """Mark the manifest, install chunks/seqs/doc_ids, embeddings, index, neighbours, held-out
         neighbours (each file, then its sidecar, whose inputs fingerprint the files installed
         before it), then write the manifest without the mark."""
-        s, fp = self.state, retrieval._fingerprint
+        s, fp = self.state, retrieval.fingerprint
         manifest = json.loads(s.manifest_path.read_text())
         manifest[IN_PROGRESS] = record
         _write_json(s.manifest_path, manifest)
@@ -376,7 +376,7 @@ def add_documents(database: Union[PathLike, Database], documents, *, glob: str =
     try:
         # --- chunks and doc_ids: the old rows, then the new documents' rows
         new_rows, new_docs, skipped, empty = [], [], [], 0
-        for batch in retrieval._document_batches(items, docs_per_batch, 8 << 20):
+        for batch in retrieval.document_batches(items, docs_per_batch, 8 << 20):
             for (label, _), ids in zip(batch, tok.encode_batch([t for _, t in batch])):
                 if not ids:
                     empty += 1
@@ -522,7 +522,7 @@ def remove_documents(database: Union[PathLike, Database], documents: Iterable[Un
                                     "files of the documents to remove")
         if hashes is None:
             hashes = _document_hashes(old_chunks, old_doc_ids, C)
-        ids = s.tokenizer.encode_batch([retrieval._read_text(path)])[0]
+        ids = s.tokenizer.encode_batch([retrieval.read_text(path)])[0]
         digest = _rows_digest(_document_rows(ids, C, s.tokenizer.pad_id, s.tokenizer.eos_id))
         if not ids or digest not in hashes:
             raise ValueError(f"{path} matches no document of the database {str(s.db.folder)!r} "

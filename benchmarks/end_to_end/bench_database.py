@@ -372,11 +372,11 @@ def _stage(name: str, a: dict) -> dict:
         chunks = retrieval.open_chunks(a["chunks"], a["num_chunks"], a["chunk_size"])
         if a.get("rows") is not None:  # a random sample, read into memory
             chunks = np.array(chunks[np.load(a["rows"])])
-        lm = retrieval._lm_tokenizer(None, None)
+        lm = retrieval.lm_tokenizer(None, None)
         dtype = str(emb.resolve_dtype(None, "cpu")).replace("torch.", "")
         emb.embed_chunks(torch.from_numpy(np.array(chunks[:64, :-1])), dtype=dtype)  # warm-up
         start = time.perf_counter()
-        retrieval._embed_memmap(chunks, Path(a["out"]), embedder=None, device="cpu",
+        retrieval.embed_memmap(chunks, Path(a["out"]), embedder=None, device="cpu",
                                 use_cls_repr=False, dtype=dtype, batch_size=256, tokenizer=lm)
         out.update(seconds=time.perf_counter() - start, chunks=len(chunks), dtype=dtype)
     elif name == "index":
