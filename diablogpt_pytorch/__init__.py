@@ -8,7 +8,7 @@ from diablogpt_pytorch.model import DIABLOGPT
 from diablogpt_pytorch.data import DIABLOGPTDataset
 from diablogpt_pytorch.training import TrainingWrapper
 from diablogpt_pytorch.retrofit import RetroFitted
-from diablogpt_pytorch.update import add_documents, remove_documents
+from diablogpt_pytorch.database.update import add_documents, remove_documents
 
 __all__ = ["DIABLOGPT", "DIABLOGPTDataset", "TrainingWrapper", "RetroFitted", "add_documents",
            "remove_documents"]

@@ -165,7 +165,7 @@ def build_split_files(settings: BuildSettings, documents: list[Path], paths: dic
         stats = chunk()
     num_chunks = stats["chunks"]
     if train:
-        from diablogpt_pytorch import sharded
+        from diablogpt_pytorch.database import sharded
 
         args = dict(
             num_nearest_neighbors=s.knn,

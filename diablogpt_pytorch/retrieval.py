@@ -54,8 +54,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diablogpt_pytorch import embedder as emb
-from diablogpt_pytorch import index as idx
+from diablogpt_pytorch.database import embedder as emb
+from diablogpt_pytorch.database import index as idx
 from diablogpt_pytorch._io import (atomic_path, meta_path, open_int32_memmap, read_meta, reprocess_requested,
                                    trusted_meta, write_meta)
 from diablogpt_pytorch.neighbours import neighbour_tokens

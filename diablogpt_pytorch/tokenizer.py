@@ -105,7 +105,7 @@ class BertLMTokenizer(LMTokenizer):
     kind = "bert"
 
     def __init__(self, embedder: Optional[str] = None):
-        from diablogpt_pytorch import embedder as emb
+        from diablogpt_pytorch.database import embedder as emb
 
         self.embedder = emb.resolve_embedder(embedder)
         self._tok = emb.get_tokenizer(self.embedder)

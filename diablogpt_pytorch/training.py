@@ -119,7 +119,7 @@ class TrainingWrapper:
         tokenizer_vocab_size: Optional[int] = None,
         index: str = "auto",
     ):
-        from diablogpt_pytorch import embedder as emb
+        from diablogpt_pytorch.database import embedder as emb
         from diablogpt_pytorch import tokenizer as lm_tokenizer
 
         self.model = diablogpt

@@ -74,7 +74,8 @@ def _entry(path: Path, root: Path, what: str) -> dict[str, Any]:
 def _embeddings_entry(chunks_path: Path, root: Path) -> dict[str, Any]:
     """The embeddings' entry: the ``.npy`` of a single-process build, or the folder of shards
     when the index was built from shards by ranks (:mod:`diablogpt_pytorch.sharded`)."""
-    from diablogpt_pytorch import retrieval, sharded
+    from diablogpt_pytorch import retrieval
+    from diablogpt_pytorch.database import sharded
 
     index_inputs = (read_meta(retrieval.index_path_for(chunks_path)) or {}).get("inputs") or {}
     if "embedding_shards" not in index_inputs:
@@ -90,7 +91,7 @@ def write_manifest(wrapper, built: dict[str, Any]) -> Path:
     ``built``: ``{'train': (stats, knn_path), 'valid': (stats, knn_path)}`` as the wrapper's
     build returns them. Returns the manifest path (beside the training chunks memmap).
     """
-    from diablogpt_pytorch import embedder as emb
+    from diablogpt_pytorch.database import embedder as emb
     from diablogpt_pytorch import retrieval
 
     root = wrapper.paths["chunks"].parent
