@@ -1,7 +1,7 @@
 """diablogpt_pytorch: RETRO, the retrieval-enhanced transformer (Borgeaud et al. 2022), in PyTorch.
 
 Only re-exports. Importing the package does not import faiss, autofaiss or transformers:
-``diablogpt_pytorch.retrieval`` imports them when used.
+the stage modules of ``diablogpt_pytorch.database`` import them when used.
 """
 
 from diablogpt_pytorch.model import DIABLOGPT

@@ -158,7 +158,7 @@ def get_bert(name: Optional[str] = None, device: Union[str, torch.device] = "cpu
 
 @functools.lru_cache(maxsize=8)
 def _encoder(name: str, device: str, dtype: torch.dtype):
-    """What :func:`bert_forward` runs: the lean BERT of ``diablogpt_pytorch._bert`` when the
+    """What :func:`bert_forward` runs: the lean BERT of ``diablogpt_pytorch.database._bert`` when the
     checkpoint is a standard BERT in safetensors (no import of transformers' modeling code),
     else transformers' ``BertModel``."""
     from diablogpt_pytorch.database import _bert as lean

@@ -1,8 +1,8 @@
 """The retrieval database built by many processes (``torchrun``): embeddings, index, neighbours.
 
 :func:`sharded_chunks_to_precalculated_knn_` is the many-process form of
-:func:`diablogpt_pytorch.retrieval.chunks_to_precalculated_knn_`: same arguments, same knn file,
-same index sidecar (so :class:`~diablogpt_pytorch.retrieval.Retriever` and
+:func:`diablogpt_pytorch.database.knn.chunks_to_precalculated_knn_`: same arguments, same knn file,
+same index sidecar (so :class:`~diablogpt_pytorch.database.retriever.Retriever` and
 ``query_chunks_to_knn_`` use its index unchanged). Every rank calls it (it is a collective; in a
 single process it simply runs all the steps itself). The chunk memmaps come first, from
 ``text_folder_to_chunks_`` on one rank (it is a sequential pass over the text, cheap next to
@@ -13,23 +13,23 @@ What each rank does, for chunks ``train.chunks.dat`` and ``W`` ranks:
 1. Embed its contiguous range ``[start, stop)`` of chunks into its own shard
    ``train.chunks.emb.shards/emb-<rank>-of-<W>.npy`` (float32 (stop - start, hidden), with a
    provenance sidecar recording the range), through the same embedding stage as the single
-   process (:func:`~diablogpt_pytorch.retrieval.embed_chunks_file_`). Range boundaries fall on
+   process (:func:`~diablogpt_pytorch.database.embed.embed_chunks_file_`). Range boundaries fall on
    multiples of ``chunks_to_embeddings_batch_size``, so every embedding batch holds exactly the
    chunks it holds in the single-process build: the shards concatenated are bit-identical to the
    single-process ``.emb.npy``.
 2. Rank 0 builds the index from the shards, read in rank order as one array, with
-   :func:`diablogpt_pytorch.index.build_index` (``index=``: the same choice, training sample,
+   :func:`diablogpt_pytorch.database.index.build_index` (``index=``: the same choice, training sample,
    search knobs and recall record as the single-process build; autofaiss reads the folder of
    shards, whose zero-padded names sort in rank order). The others wait.
 3. Every rank loads the index read-only and searches the neighbours of its own range (boundaries
    on multiples of ``knn_batch_size``; the query embeddings are read from the shards that cover
    it) into its own part file ``train.chunks.knn.parts/knn-<rank>-of-<W>.dat``, with the
    single-process search stage
-   (:func:`~diablogpt_pytorch.retrieval.search_neighbours_range_`): the same batches, the same
+   (:func:`~diablogpt_pytorch.database.knn.search_neighbours_range_`): the same batches, the same
    exclusions (the chunk, its document and, given the training sequences, every document of its
    sequences), the same ranking, so the knn file is byte-identical to the single-process one (not
    merely "equal up to ties"), and its sidecar records its inputs as the single-process one does
-   (:func:`~diablogpt_pytorch.retrieval.knn_inputs`).
+   (:func:`~diablogpt_pytorch.database.knn.knn_inputs`).
 4. Rank 0 concatenates the parts, in rank order, into ``train.chunks.knn.dat`` under a temporary
    name, renames it into place, writes its sidecar and removes the parts.
 
@@ -57,7 +57,14 @@ import torch
 
 from diablogpt_pytorch import distributed as D
 from diablogpt_pytorch.database import index as idx
-from diablogpt_pytorch import retrieval as R
+from diablogpt_pytorch.database import embedder as emb
+from diablogpt_pytorch.database.chunks import open_doc_ids, text_folder_to_chunks_
+from diablogpt_pytorch.database.embed import embed_chunks_file_, embedding_settings
+from diablogpt_pytorch.database.knn import knn_inputs, record_knn_, search_neighbours_range_
+from diablogpt_pytorch.database.provenance import (FORMAT_VERSION, cached_meta, embeddings_path_for,
+                                                   fingerprint, index_path_for, knn_path_for, lm_tokenizer,
+                                                   tokenizer_path_for)
+from diablogpt_pytorch.database.sequences import sequence_starts
 from diablogpt_pytorch._io import atomic_path, meta_path, reprocess_requested, trusted_meta
 
 logger = logging.getLogger(__name__)
@@ -142,34 +149,34 @@ def reusable_knn(
     if force_reprocess or reprocess_requested():
         return None
     chunk_memmap_path = Path(chunk_memmap_path)
-    index_path = Path(index_file) if index_file is not None else R.index_path_for(chunk_memmap_path)
-    knn_path = R.knn_path_for(chunk_memmap_path)
+    index_path = Path(index_file) if index_file is not None else index_path_for(chunk_memmap_path)
+    knn_path = knn_path_for(chunk_memmap_path)
     try:
         knn_meta, _ = trusted_meta(knn_path)
         index_meta, _ = trusted_meta(index_path)
-        if knn_meta is None or index_meta is None or not _same(knn_meta.get("inputs"), R.knn_inputs(
+        if knn_meta is None or index_meta is None or not _same(knn_meta.get("inputs"), knn_inputs(
                 index_path, doc_ids_memmap_path, num_chunks, num_nearest_neighbors,
                 num_extra_neighbors, max_search_k, seqs_memmap_path=seqs_memmap_path,
                 seq_len=seq_len)):
             return None
         built = index_meta.get("inputs") or {}
-        lm = R.lm_tokenizer(tokenizer, embedder, path=R.tokenizer_path_for(chunk_memmap_path))
+        lm = lm_tokenizer(tokenizer, embedder, path=tokenizer_path_for(chunk_memmap_path))
         wanted = {"num_chunks": num_chunks, "chunk_size": chunk_size,
-                  **R.embedding_settings(embedder, use_cls_repr, dtype, device, lm),
-                  **idx.build_inputs(index, num_chunks, R.emb.hidden_size(embedder),
+                  **embedding_settings(embedder, use_cls_repr, dtype, device, lm),
+                  **idx.build_inputs(index, num_chunks, emb.hidden_size(embedder),
                                      max_index_memory_usage, current_memory_available)}
         if any(not _same(built.get(k), v) for k, v in wanted.items()):
             return None
         if "embeddings" in built:
-            sources = [R.embeddings_path_for(chunk_memmap_path)]
-            if not _same(built["embeddings"], R.fingerprint(sources[0])):
+            sources = [embeddings_path_for(chunk_memmap_path)]
+            if not _same(built["embeddings"], fingerprint(sources[0])):
                 return None
         else:
             sources = sorted(shards_dir_for(chunk_memmap_path).glob("emb-*-of-*.npy"))
             if not sources or not _same(built.get("embedding_shards"),
-                                        [R.fingerprint(p) for p in sources]):
+                                        [fingerprint(p) for p in sources]):
                 return None
-        chunks = R.fingerprint(chunk_memmap_path)
+        chunks = fingerprint(chunk_memmap_path)
         for p in sources:
             meta, _ = trusted_meta(p)
             if meta is None or not _same(meta["inputs"].get("chunks"), chunks):
@@ -194,7 +201,7 @@ def sharded_chunks_to_precalculated_knn_(
         seq_len: Optional[int] = None, tokenizer=None, index: str = "auto") -> tuple[Path, Path]:
     """Embeddings, index and the knn file of a chunk database, split across all ranks.
 
-    Arguments as :func:`~diablogpt_pytorch.retrieval.chunks_to_precalculated_knn_` (``device`` is
+    Arguments as :func:`~diablogpt_pytorch.database.knn.chunks_to_precalculated_knn_` (``device`` is
     this rank's embedder device, e.g. its own ``cuda:LOCAL_RANK``), including the training
     sequences (``seqs_memmap_path``, ``num_seqs``, ``seq_len``) whose documents a chunk must not
     retrieve. Call it on every rank after :func:`~diablogpt_pytorch.distributed.init_distributed`;
@@ -211,8 +218,8 @@ def sharded_chunks_to_precalculated_knn_(
         raise ValueError(f"num_extra_neighbors must be >= 0, got {num_extra_neighbors}")
     rank, world = D.get_rank(), D.get_world_size()
     chunk_memmap_path = Path(chunk_memmap_path)
-    index_path = Path(index_file) if index_file is not None else R.index_path_for(chunk_memmap_path)
-    knn_path = R.knn_path_for(chunk_memmap_path)
+    index_path = Path(index_file) if index_file is not None else index_path_for(chunk_memmap_path)
+    knn_path = knn_path_for(chunk_memmap_path)
     K = num_nearest_neighbors
     shard_dir = shards_dir_for(chunk_memmap_path)
     parts_dir = knn_parts_dir_for(chunk_memmap_path)
@@ -241,10 +248,10 @@ def sharded_chunks_to_precalculated_knn_(
 
     # 1. every rank embeds its own range into its own shard
     with D.all_ranks("embedding shards"):
-        R.open_doc_ids(doc_ids_memmap_path, num_chunks)
-        R.sequence_starts(seqs_memmap_path, num_seqs, seq_len, chunk_size)  # checked up front
-        dim = R.emb.hidden_size(embedder)
-        settings = R.embed_chunks_file_(
+        open_doc_ids(doc_ids_memmap_path, num_chunks)
+        sequence_starts(seqs_memmap_path, num_seqs, seq_len, chunk_size)  # checked up front
+        dim = emb.hidden_size(embedder)
+        settings = embed_chunks_file_(
             chunk_memmap_path, num_chunks, chunk_size,
             shard_dir / _shard_name(rank, world, "emb", ".npy"), start=start, stop=stop,
             use_cls_repr=use_cls_repr, batch_size=chunks_to_embeddings_batch_size,
@@ -268,24 +275,24 @@ def sharded_chunks_to_precalculated_knn_(
                 if p not in shard_paths:  # a rank whose range is empty now: stale
                     p.unlink()
                     meta_path(p).unlink(missing_ok=True)
-            index_inputs = {"kind": "index", "version": R.FORMAT_VERSION,
-                            "embedding_shards": [R.fingerprint(p) for p in shard_paths],
+            index_inputs = {"kind": "index", "version": FORMAT_VERSION,
+                            "embedding_shards": [fingerprint(p) for p in shard_paths],
                             **idx.build_inputs(index, num_chunks, dim, max_index_memory_usage,
                                                current_memory_available),
                             "chunk_memmap_path": str(chunk_memmap_path.resolve()),
                             "num_chunks": num_chunks, "chunk_size": chunk_size, **settings}
-            if R.cached_meta([index_path], index_inputs, "faiss index", force_reprocess) is None:
+            if cached_meta([index_path], index_inputs, "faiss index", force_reprocess) is None:
                 meta_path(index_path).unlink(missing_ok=True)
                 _build_index_from_shards(shard_paths, shard_dir, index_path, num_chunks, dim,
                                          index=index, max_index_memory_usage=max_index_memory_usage,
                                          current_memory_available=current_memory_available,
                                          meta={"inputs": index_inputs, "build": uuid.uuid4().hex})
-            knn_inputs = R.knn_inputs(index_path, doc_ids_memmap_path, num_chunks, K,
+            knn_plan = knn_inputs(index_path, doc_ids_memmap_path, num_chunks, K,
                                       num_extra_neighbors, max_search_k,
                                       seqs_memmap_path=seqs_memmap_path, seq_len=seq_len)
-            reuse_knn = R.cached_meta([knn_path], knn_inputs, "knn", force_reprocess) is not None
-    reuse_knn, knn_inputs = D.broadcast_object(
-        (reuse_knn, knn_inputs) if D.is_main() else None, what="sharing the knn plan")
+            reuse_knn = cached_meta([knn_path], knn_plan, "knn", force_reprocess) is not None
+    reuse_knn, knn_plan = D.broadcast_object(
+        (reuse_knn, knn_plan) if D.is_main() else None, what="sharing the knn plan")
     if reuse_knn:
         return knn_path, index_path
 
@@ -295,14 +302,14 @@ def sharded_chunks_to_precalculated_knn_(
     incomplete = 0
     with D.all_ranks("searching neighbours"):
         if stop > start:
-            doc_ids = R.open_doc_ids(doc_ids_memmap_path, num_chunks)
-            seq_starts = R.sequence_starts(seqs_memmap_path, num_seqs, seq_len, chunk_size)
+            doc_ids = open_doc_ids(doc_ids_memmap_path, num_chunks)
+            seq_starts = sequence_starts(seqs_memmap_path, num_seqs, seq_len, chunk_size)
             index = idx.read_index(index_path)
             embeddings = _ShardRows([s for s in shards if s[1] < stop and start < s[2]], start,
                                     dim)
             with atomic_path(part_path) as tmp:
                 part = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(stop - start, K))
-                incomplete = R.search_neighbours_range_(
+                incomplete = search_neighbours_range_(
                     index, embeddings, part, start, stop, doc_ids, K, batch_size=knn_batch_size,
                     num_extra_neighbors=num_extra_neighbors, max_search_k=max_search_k,
                     seq_starts=seq_starts,
@@ -324,7 +331,7 @@ def sharded_chunks_to_precalculated_knn_(
             if knn_path.stat().st_size != num_chunks * K * 4:
                 raise RuntimeError(f"assembled {knn_path} has {knn_path.stat().st_size} bytes, "
                                    f"expected {num_chunks * K * 4}: a part file is incomplete")
-            R.record_knn_(knn_path, knn_inputs, incomplete, num_chunks, K, world_size=world)
+            record_knn_(knn_path, knn_plan, incomplete, num_chunks, K, world_size=world)
             shutil.rmtree(parts_dir, ignore_errors=True)
     return knn_path, index_path
 
@@ -333,7 +340,7 @@ def _build_index_from_shards(shard_paths: list[Path], shard_dir: Path, index_pat
                              num_chunks: int, dim: int, *, index: str = "auto",
                              max_index_memory_usage="100m", current_memory_available="1G",
                              meta: Optional[dict] = None):
-    """The index over the shards in rank order: :func:`diablogpt_pytorch.index.build_index` reads
+    """The index over the shards in rank order: :func:`diablogpt_pytorch.database.index.build_index` reads
     them as one array (the same index, knobs and record as a single-process build of the same
     vectors, byte-identical with one faiss thread; autofaiss reads the folder of shards)."""
     shards = [np.load(p, mmap_mode="r") for p in shard_paths]
@@ -349,13 +356,13 @@ def _build_index_from_shards(shard_paths: list[Path], shard_dir: Path, index_pat
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """``torchrun --nproc_per_node N -m diablogpt_pytorch.sharded --docs FOLDER --out DIR``:
+    """``torchrun --nproc_per_node N -m diablogpt_pytorch.database.sharded --docs FOLDER --out DIR``:
     rank 0 chunks the documents, then all ranks build embeddings, index and neighbours (no
     neighbour from the documents of a chunk's training sequence, as ``TrainingWrapper`` builds)."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m diablogpt_pytorch.sharded",
+        prog="python -m diablogpt_pytorch.database.sharded",
         description="Build the retrieval database with every torchrun rank (see module docs).")
     parser.add_argument("--docs", required=True, help="folder of text documents")
     parser.add_argument("--glob", default="**/*.txt")
@@ -387,7 +394,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     stats = None
     with D.main_process_first("chunking the documents") as is_main:
         if is_main:
-            stats = R.text_folder_to_chunks_(
+            stats = text_folder_to_chunks_(
                 args.docs, args.glob, paths["chunks"], paths["seq"], paths["doc_ids"],
                 chunk_size=args.chunk_size, seq_len=args.seq_len, max_chunks=args.max_chunks,
                 max_seqs=args.max_seqs, embedder=args.embedder, tokenizer=args.tokenizer)

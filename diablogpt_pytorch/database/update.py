@@ -28,7 +28,7 @@ them (every cache check rebuilds them) and a manifest that :meth:`Database.open`
 
 The sidecars are rewritten exactly as the build functions would write them for the updated files,
 so ``chunks_to_index_and_embed``, ``chunks_to_precalculated_knn_``, ``query_chunks_to_knn_``,
-:class:`~diablogpt_pytorch.retrieval.Retriever` and :class:`Database` trust and reuse them. The
+:class:`~diablogpt_pytorch.database.retriever.Retriever` and :class:`Database` trust and reuse them. The
 chunk sidecars' record of the source files cannot be extended to a file list it does not hold: a
 later ``text_folder_to_chunks_`` over files (``TrainingWrapper`` on its documents folder) sees
 other inputs and rebuilds the database from those files.
@@ -50,7 +50,11 @@ import torch
 
 from diablogpt_pytorch.database import embedder as emb
 from diablogpt_pytorch.database import index as idx
-from diablogpt_pytorch import retrieval
+from diablogpt_pytorch.database.chunks import open_chunks, open_doc_ids
+from diablogpt_pytorch.database.documents import document_batches, document_files, files_digest, read_text
+from diablogpt_pytorch.database.knn import query_embedder
+from diablogpt_pytorch.database.provenance import FORMAT_VERSION, check_tokenizer, fingerprint
+from diablogpt_pytorch.database.sequences import sequence_documents_window
 from diablogpt_pytorch._io import atomic_path, tmp_path, trusted_meta, write_meta
 from diablogpt_pytorch.database.manifest import MANIFEST_NAME, Database, _entry
 
@@ -89,7 +93,7 @@ class _State:
                                  "(`diablogpt build-db` or TrainingWrapper) before updating it")
             self.meta[name] = meta
         builds = {self.meta[n].get("build") for n in ("chunks", "seqs", "doc_ids")}
-        fp = retrieval.fingerprint
+        fp = fingerprint
         chain = [("embeddings", "chunks", "chunks"), ("index", "embeddings", "embeddings"),
                  ("knn", "index", "index"), ("knn", "doc_ids", "doc_ids")]
         stale = [f"{self.paths[a]} was made from another {b} file" for a, key, b in chain
@@ -102,20 +106,20 @@ class _State:
             raise ValueError(f"the database {str(self.db.folder)!r} is not a consistent build ("
                              + "; ".join(stale) + "): rebuild it before updating it")
         self.tokenizer = self.db.tokenizer()
-        retrieval.check_tokenizer(self.meta["chunks"]["inputs"].get("tokenizer"), self.tokenizer,
+        check_tokenizer(self.meta["chunks"]["inputs"].get("tokenizer"), self.tokenizer,
                                    self.paths["chunks"])
         self.settings = self.meta["index"]["inputs"]
-        self.embedder = retrieval.query_embedder(self.settings, None, self.paths["index"])
+        self.embedder = query_embedder(self.settings, None, self.paths["index"])
         self.knn_inputs = self.meta["knn"]["inputs"]
         self.K = int(self.knn_inputs["num_nearest_neighbors"])
         seqs = self.knn_inputs.get("sequences")
         self.seq_len = None if seqs is None else int(seqs["seq_len"])
 
     def chunks(self) -> np.memmap:
-        return retrieval.open_chunks(self.paths["chunks"], self.N, self.C)
+        return open_chunks(self.paths["chunks"], self.N, self.C)
 
     def doc_ids(self) -> np.ndarray:
-        return np.asarray(retrieval.open_doc_ids(self.paths["doc_ids"], self.N), dtype=np.int64)
+        return np.asarray(open_doc_ids(self.paths["doc_ids"], self.N), dtype=np.int64)
 
 
 def _document_hashes(chunks: np.ndarray, doc_ids: np.ndarray, C: int) -> dict[str, list[int]]:
@@ -153,11 +157,11 @@ def _iter_documents(documents, glob: str) -> tuple[Iterator[tuple[Any, str]], in
     if isinstance(documents, (str, os.PathLike)) and Path(documents).is_file():
         documents = [documents]
     if isinstance(documents, (str, os.PathLike)):
-        files, root = retrieval.document_files(documents, glob, None)
+        files, root = document_files(documents, glob, None)
     else:
-        files, root = retrieval.document_files(None, glob, list(documents))
-    return (((p, retrieval.read_text(p)) for p in files), len(files),
-            retrieval.files_digest(files, root))
+        files, root = document_files(None, glob, list(documents))
+    return (((p, read_text(p)) for p in files), len(files),
+            files_digest(files, root))
 
 
 # ----------------------------------------------------------------------------- shared steps
@@ -188,7 +192,7 @@ def _search(state: _State, index, embeddings: np.ndarray, doc_ids: np.ndarray,
             continue
         excl = None
         if seq_starts is not None:
-            excl = retrieval.sequence_documents_window(seq_starts, doc_ids, cps, start, stop)
+            excl = sequence_documents_window(seq_starts, doc_ids, cps, start, stop)
             excl = excl[sel - start]
         ids, _ = idx.search_excluding(
             index, np.asarray(embeddings[sel]), state.K,
@@ -201,7 +205,7 @@ def _search(state: _State, index, embeddings: np.ndarray, doc_ids: np.ndarray,
 def _search_valid(state: _State, index, rows: np.ndarray, knn: np.ndarray, batch_size: int,
                   device) -> None:
     """Held-out chunks ``rows`` searched in the (updated) index as ``query_chunks_to_knn_`` does."""
-    chunks = retrieval.open_chunks(state.valid["chunks"], state.num_valid, state.C)
+    chunks = open_chunks(state.valid["chunks"], state.num_valid, state.C)
     K = knn.shape[1]
     for start in range(0, len(rows), batch_size):
         sel = rows[start:start + batch_size]
@@ -236,7 +240,7 @@ class _Update:
         """Mark the manifest, install chunks/seqs/doc_ids, embeddings, index, neighbours, held-out
         neighbours (each file, then its sidecar, whose inputs fingerprint the files installed
         before it), then write the manifest without the mark."""
-        s, fp = self.state, retrieval.fingerprint
+        s, fp = self.state, fingerprint
         manifest = json.loads(s.manifest_path.read_text())
         manifest[IN_PROGRESS] = record
         _write_json(s.manifest_path, manifest)
@@ -278,7 +282,7 @@ class _Update:
             K = int((old.get("inputs") or {}).get("num_nearest_neighbors", s.K))
             _install(self.files["valid_knn"], valid_knn)
             write_meta(valid_knn, {"inputs": {
-                "kind": "query_knn", "version": retrieval.FORMAT_VERSION,
+                "kind": "query_knn", "version": FORMAT_VERSION,
                 "queries": fp(s.valid["chunks"]), "index": fp(s.paths["index"]),
                 "num_chunks": s.num_valid, "num_nearest_neighbors": K}, "build": uuid.uuid4().hex})
 
@@ -376,7 +380,7 @@ def add_documents(database: Union[PathLike, Database], documents, *, glob: str =
     try:
         # --- chunks and doc_ids: the old rows, then the new documents' rows
         new_rows, new_docs, skipped, empty = [], [], [], 0
-        for batch in retrieval.document_batches(items, docs_per_batch, 8 << 20):
+        for batch in document_batches(items, docs_per_batch, 8 << 20):
             for (label, _), ids in zip(batch, tok.encode_batch([t for _, t in batch])):
                 if not ids:
                     empty += 1
@@ -522,7 +526,7 @@ def remove_documents(database: Union[PathLike, Database], documents: Iterable[Un
                                     "files of the documents to remove")
         if hashes is None:
             hashes = _document_hashes(old_chunks, old_doc_ids, C)
-        ids = s.tokenizer.encode_batch([retrieval.read_text(path)])[0]
+        ids = s.tokenizer.encode_batch([read_text(path)])[0]
         digest = _rows_digest(_document_rows(ids, C, s.tokenizer.pad_id, s.tokenizer.eos_id))
         if not ids or digest not in hashes:
             raise ValueError(f"{path} matches no document of the database {str(s.db.folder)!r} "
@@ -614,10 +618,10 @@ def _exclusions_changed(old_doc_ids: np.ndarray, doc_map: np.ndarray, kept: np.n
     out = np.zeros(len(kept), dtype=bool)
     for start in range(0, len(kept), batch_size):
         stop = min(len(kept), start + batch_size)
-        new = retrieval.sequence_documents_window(new_starts, doc_ids, cps, start, stop)
+        new = sequence_documents_window(new_starts, doc_ids, cps, start, stop)
         rows = kept[start:stop]
         a, b = int(rows[0]), int(rows[-1]) + 1
-        old = retrieval.sequence_documents_window(old_starts, old_doc_ids, cps, a, b)[rows - a]
+        old = sequence_documents_window(old_starts, old_doc_ids, cps, a, b)[rows - a]
         old = np.where(old >= 0, doc_map[np.maximum(old, 0)], -1)
         width = max(old.shape[1], new.shape[1])
         old = np.sort(np.pad(old, ((0, 0), (0, width - old.shape[1])), constant_values=-1), axis=1)
