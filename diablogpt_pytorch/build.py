@@ -5,8 +5,8 @@ The documents matching a glob are split deterministically into a training part a
 (:func:`split_documents`, by a hash of each document's path relative to the folder, so the split
 does not depend on listing order). :func:`build_split_files` turns a split into its
 chunks/seqs/doc_ids memmaps and knn file: the training split through the embeddings, index and
-neighbour search of :mod:`diablogpt_pytorch.retrieval` (under ``torchrun``, every rank its share:
-:mod:`diablogpt_pytorch.sharded`); the held-out
+neighbour search of :mod:`diablogpt_pytorch.database` (under ``torchrun``, every rank its share:
+:mod:`diablogpt_pytorch.database.sharded`); the held-out
 split's neighbours are searched in the *training* index (a held-out chunk never retrieves itself
 or its own document, which is not in the index). Held-out files carry ``.valid`` before the suffix
 (:func:`held_out_path`). :func:`open_split` opens a built split as a
@@ -118,10 +118,10 @@ def build_split_files(settings: BuildSettings, documents: list[Path], paths: dic
 
     Under ``torchrun`` (world size > 1) the training split is a collective: every rank calls it;
     rank 0 chunks the documents, then every rank embeds and searches its share
-    (:func:`~diablogpt_pytorch.sharded.sharded_chunks_to_precalculated_knn_`); the files equal the
+    (:func:`~diablogpt_pytorch.database.sharded.sharded_chunks_to_precalculated_knn_`); the files equal the
     single-process ones. A held-out split is built by the one process that calls it. A database
     built by one process is reused by the ranks and the reverse, while it is current
-    (:func:`~diablogpt_pytorch.sharded.reusable_knn`).
+    (:func:`~diablogpt_pytorch.database.sharded.reusable_knn`).
 
     Args:
         documents: the split's documents; paths: its files (keys ``chunks``, ``seqs``,
@@ -134,14 +134,16 @@ def build_split_files(settings: BuildSettings, documents: list[Path], paths: dic
         (stats, knn_path): ``stats`` as ``text_folder_to_chunks_`` returns them (``chunks``,
         ``seqs``, ``docs``, ...).
     """
-    from diablogpt_pytorch import retrieval
+    from diablogpt_pytorch.database.chunks import text_folder_to_chunks_
+    from diablogpt_pytorch.database.knn import chunks_to_precalculated_knn_, query_chunks_to_knn_
+    from diablogpt_pytorch.database.provenance import knn_path_for
 
     s = settings
     what = "training" if train else "held-out"
 
     def chunk():
         logger.info("%s split: %d documents", what, len(documents))
-        return retrieval.text_folder_to_chunks_(
+        return text_folder_to_chunks_(
             chunks_memmap_path=paths["chunks"],
             seqs_memmap_path=paths["seqs"],
             doc_ids_memmap_path=paths["doc_ids"],
@@ -165,7 +167,7 @@ def build_split_files(settings: BuildSettings, documents: list[Path], paths: dic
         stats = chunk()
     num_chunks = stats["chunks"]
     if train:
-        from diablogpt_pytorch import sharded
+        from diablogpt_pytorch.database import sharded
 
         args = dict(
             num_nearest_neighbors=s.knn,
@@ -188,13 +190,13 @@ def build_split_files(settings: BuildSettings, documents: list[Path], paths: dic
             seq_len=s.seq_len,
             tokenizer=s.tokenizer,
         )
-        knn_meta = read_meta(retrieval.knn_path_for(paths["chunks"])) or {}
+        knn_meta = read_meta(knn_path_for(paths["chunks"])) or {}
         if ranks > 1:
             knn_path, _ = sharded.sharded_chunks_to_precalculated_knn_(**args)
         elif knn_meta.get("stats", {}).get("world_size", 1) > 1 and sharded.reusable_knn(**args):
-            knn_path = retrieval.knn_path_for(paths["chunks"])  # built by ranks, still current
+            knn_path = knn_path_for(paths["chunks"])  # built by ranks, still current
         else:
-            knn_path, _ = retrieval.chunks_to_precalculated_knn_(**args)
+            knn_path, _ = chunks_to_precalculated_knn_(**args)
     else:
         if db_paths is None:
             raise ValueError("a held-out split needs db_paths, the training split's files")
@@ -203,7 +205,7 @@ def build_split_files(settings: BuildSettings, documents: list[Path], paths: dic
                 f"the held-out split has {len(documents)} documents but only {stats['docs']} "
                 "were chunked whole; its bits per byte would be wrong"
             )
-        knn_path = retrieval.query_chunks_to_knn_(
+        knn_path = query_chunks_to_knn_(
             num_nearest_neighbors=s.knn,
             num_chunks=num_chunks,
             chunk_size=s.chunk_size,
@@ -247,11 +249,11 @@ def decoded_num_bytes(tokenizer, paths: dict[str, Path], num_chunks: int, chunk_
     ids have none): the denominator of bits per byte, comparable across tokenizers."""
     import numpy as np
 
-    from diablogpt_pytorch import retrieval
+    from diablogpt_pytorch.database.chunks import open_chunks, open_doc_ids
 
     n, C = num_chunks, chunk_size
-    tokens = retrieval.open_chunks(paths["chunks"], n, C)[:, :C]
-    doc_ids = np.asarray(retrieval.open_doc_ids(paths["doc_ids"], n))
+    tokens = open_chunks(paths["chunks"], n, C)[:, :C]
+    doc_ids = np.asarray(open_doc_ids(paths["doc_ids"], n))
     bounds = [0] + (1 + np.flatnonzero(doc_ids[1:] != doc_ids[:-1])).tolist() + [n]
     docs = [tokens[a:b].reshape(-1).tolist() for a, b in zip(bounds[:-1], bounds[1:])]
     return sum(len(text.encode("utf-8")) for text in tokenizer.decode_batch(docs))

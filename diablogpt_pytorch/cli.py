@@ -602,7 +602,7 @@ def cmd_neighbours(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
 
     from diablogpt_pytorch.neighbours import neighbour_tokens
-    from diablogpt_pytorch.retrieval import open_chunks, open_doc_ids
+    from diablogpt_pytorch.database.chunks import open_chunks, open_doc_ids
 
     n = cfg["neighbours"]
     if (n["chunk"] is None) == (n["text"] is None):

@@ -39,7 +39,7 @@ def open_memmap_readonly(path: os.PathLike | str, shape: tuple[int, ...], what: 
     """
     return open_int32_memmap(
         path, shape, f"{what} file",
-        missing_fix="build it first (TrainingWrapper or diablogpt_pytorch.retrieval) or pass the right path",
+        missing_fix="build it first (TrainingWrapper or diablogpt_pytorch.database) or pass the right path",
         mismatch_fix="the counts/sizes passed to DIABLOGPTDataset do not match the file (pass the "
                      "numbers it was built with, or rebuild it)",
     )

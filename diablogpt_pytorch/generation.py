@@ -139,7 +139,7 @@ def generate(
     Args:
         model: a :class:`~diablogpt_pytorch.DIABLOGPT` (put in eval mode for the call).
         retriever: object with ``retrieve(chunk_tokens (n, C), k, exclude_doc_ids=None) ->
-            (n, k, 2C)`` (e.g. :class:`diablogpt_pytorch.retrieval.Retriever`); needed when
+            (n, k, 2C)`` (e.g. :class:`diablogpt_pytorch.database.retriever.Retriever`); needed when
             ``use_retrieval`` unless every completed chunk's neighbours are in ``retrieved``.
         start: prompt ids (t,) or (b, t), or a list of b prompts of different lengths (each a
             list of ids or a 1-D tensor); None starts ``batch_size`` rows from ``eos_id`` (the

@@ -8,7 +8,7 @@ equals a file's content gives exactly the chunks that file gives, so a JSON Line
 texts of a folder's files in sorted file order gives the same database as the folder.
 
     from diablogpt_pytorch.inputs import open_documents
-    from diablogpt_pytorch.retrieval import text_folder_to_chunks_
+    from diablogpt_pytorch.database.chunks import text_folder_to_chunks_
 
     docs = open_documents('corpus.jsonl', text_field='text')   # or .parquet, or a dataset folder
     stats = text_folder_to_chunks_(documents=docs, chunks_memmap_path='train.chunks.dat', ...)

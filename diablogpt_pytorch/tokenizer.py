@@ -2,7 +2,7 @@
 
 The language model reads and writes ids of an :class:`LMTokenizer`; the frozen BERT that embeds
 chunks for retrieval keeps its own WordPiece and embeds each chunk's *decoded text*
-(:func:`diablogpt_pytorch.embedder.embed_chunks`), as in the RETRO paper (Borgeaud et al. 2022,
+(:func:`diablogpt_pytorch.database.embedder.embed_chunks`), as in the RETRO paper (Borgeaud et al. 2022,
 §2.3: a SentencePiece vocabulary for the model, BERT for the retrieval keys).
 
 Every tokenizer exposes ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``encode_batch``,
@@ -105,7 +105,7 @@ class BertLMTokenizer(LMTokenizer):
     kind = "bert"
 
     def __init__(self, embedder: Optional[str] = None):
-        from diablogpt_pytorch import embedder as emb
+        from diablogpt_pytorch.database import embedder as emb
 
         self.embedder = emb.resolve_embedder(embedder)
         self._tok = emb.get_tokenizer(self.embedder)

@@ -119,7 +119,7 @@ class TrainingWrapper:
         tokenizer_vocab_size: Optional[int] = None,
         index: str = "auto",
     ):
-        from diablogpt_pytorch import embedder as emb
+        from diablogpt_pytorch.database import embedder as emb
         from diablogpt_pytorch import tokenizer as lm_tokenizer
 
         self.model = diablogpt
@@ -373,7 +373,7 @@ class TrainingWrapper:
     def retriever(self):
         """The generation-time retriever over the training database (built on first use)."""
         if self._retriever is None:
-            from diablogpt_pytorch.retrieval import Retriever
+            from diablogpt_pytorch.database.retriever import Retriever
 
             self._retriever = Retriever(
                 self.paths["chunks"], self.paths["doc_ids"], embedder=self.embedder,

@@ -106,7 +106,7 @@ def test_paths_argument_keeps_the_given_order(tmp_path, docs):
 
 
 def test_cache_reused_then_rebuilt_when_a_document_changes(tmp_path, docs, caplog):
-    caplog.set_level(logging.INFO, logger="diablogpt_pytorch.retrieval")
+    caplog.set_level(logging.INFO, logger="diablogpt_pytorch.database")
     stats, *_, out = build(tmp_path)
     mtime = (out / "train.chunks.dat").stat().st_mtime_ns
     caplog.clear()
@@ -127,7 +127,7 @@ def test_cache_reused_then_rebuilt_when_a_document_changes(tmp_path, docs, caplo
 
 
 def test_reprocess_forces_a_rebuild(tmp_path, docs, caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger="diablogpt_pytorch.retrieval")
+    caplog.set_level(logging.INFO, logger="diablogpt_pytorch.database")
     build(tmp_path)
     monkeypatch.setenv("REPROCESS", "1")
     caplog.clear()
@@ -185,7 +185,7 @@ def test_empty_documents_are_skipped_with_a_warning(tmp_path, caplog):
 
 def test_limits_truncate_with_a_warning_or_raise(tmp_path, docs, caplog):
     full, *_ = build(tmp_path)
-    caplog.set_level(logging.INFO, logger="diablogpt_pytorch.retrieval")
+    caplog.set_level(logging.INFO, logger="diablogpt_pytorch.database")
     caplog.clear()
     assert build(tmp_path, max_chunks=full["chunks"])[0] == full  # a cap it fits: still valid
     assert "reusing chunks" in caplog.text

@@ -84,7 +84,7 @@ def test_changing_the_tokenizer_invalidates_the_chunk_files(docs, tmp_path, capl
     first = (tmp_path / "db.chunks.dat").read_bytes()
     files = sorted(docs.glob("*.txt"))
     other = train_bpe_tokenizer(files, tmp_path / "other.json", vocab_size=600)
-    with caplog.at_level("INFO", logger="diablogpt_pytorch.retrieval"):
+    with caplog.at_level("INFO", logger="diablogpt_pytorch.database"):
         stats = chunk(docs, tmp_path, other)
     assert "rebuilding chunks" in caplog.text and "tokenizer" in caplog.text
     assert (tmp_path / "db.chunks.dat").read_bytes() != first
@@ -95,7 +95,7 @@ def test_changing_the_tokenizer_invalidates_the_chunk_files(docs, tmp_path, capl
             retrieval.chunks_to_index_and_embed(stats["chunks"], C, tmp_path / "db.chunks.dat",
                                                 tokenizer=wrong)
     caplog.clear()
-    with caplog.at_level("INFO", logger="diablogpt_pytorch.retrieval"):
+    with caplog.at_level("INFO", logger="diablogpt_pytorch.database"):
         stats = chunk(docs, tmp_path, None)  # back to the WordPiece
     assert "rebuilding chunks" in caplog.text
     chunks = retrieval.open_chunks(tmp_path / "db.chunks.dat", stats["chunks"], C)

@@ -55,8 +55,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diablogpt_pytorch import embedder as emb  # noqa: E402
-from diablogpt_pytorch import index as idx  # noqa: E402
+from diablogpt_pytorch.database import embedder as emb  # noqa: E402
+from diablogpt_pytorch.database import index as idx  # noqa: E402
+from diablogpt_pytorch.database import knn as knn_stage  # noqa: E402
 from diablogpt_pytorch import retrieval  # noqa: E402
 
 from benchmarks.common.report import write_atomically  # noqa: E402
@@ -394,7 +395,7 @@ def _stage(name: str, a: dict) -> dict:
         # the earlier stages (its embed-and-index step is swapped for loading them)
         index = _load_index(a["index"], a.get("params"))
         embeddings = np.load(a["emb"], mmap_mode="r")
-        retrieval.chunks_to_index_and_embed = lambda *_, **__: (index, embeddings)
+        knn_stage.chunks_to_index_and_embed = lambda *_, **__: (index, embeddings)  # where knn calls it
         start = time.perf_counter()
         knn_path, _ = retrieval.chunks_to_precalculated_knn_(
             a["k"], a["num_chunks"], a["chunk_size"], a["chunks"], a["doc_ids"],

@@ -73,12 +73,13 @@ def _entry(path: Path, root: Path, what: str) -> dict[str, Any]:
 
 def _embeddings_entry(chunks_path: Path, root: Path) -> dict[str, Any]:
     """The embeddings' entry: the ``.npy`` of a single-process build, or the folder of shards
-    when the index was built from shards by ranks (:mod:`diablogpt_pytorch.sharded`)."""
-    from diablogpt_pytorch import retrieval, sharded
+    when the index was built from shards by ranks (:mod:`diablogpt_pytorch.database.sharded`)."""
+    from diablogpt_pytorch.database.provenance import embeddings_path_for, index_path_for
+    from diablogpt_pytorch.database import sharded
 
-    index_inputs = (read_meta(retrieval.index_path_for(chunks_path)) or {}).get("inputs") or {}
+    index_inputs = (read_meta(index_path_for(chunks_path)) or {}).get("inputs") or {}
     if "embedding_shards" not in index_inputs:
-        return _entry(retrieval.embeddings_path_for(chunks_path), root, "embeddings")
+        return _entry(embeddings_path_for(chunks_path), root, "embeddings")
     folder = sharded.shards_dir_for(chunks_path)
     return {"path": _relative(folder, root), "what": DESCRIPTIONS["embedding_shards"],
             "bytes": sum(p.stat().st_size for p in folder.glob("*.npy")), "build": None}
@@ -90,8 +91,8 @@ def write_manifest(wrapper, built: dict[str, Any]) -> Path:
     ``built``: ``{'train': (stats, knn_path), 'valid': (stats, knn_path)}`` as the wrapper's
     build returns them. Returns the manifest path (beside the training chunks memmap).
     """
-    from diablogpt_pytorch import embedder as emb
-    from diablogpt_pytorch import retrieval
+    from diablogpt_pytorch.database import embedder as emb
+    from diablogpt_pytorch.database.provenance import index_path_for
 
     root = wrapper.paths["chunks"].parent
     splits = {}
@@ -103,7 +104,7 @@ def write_manifest(wrapper, built: dict[str, Any]) -> Path:
         files["knn"] = _entry(knn_path, root, "knn")
         if split == "train":
             files["embeddings"] = _embeddings_entry(paths["chunks"], root)
-            files["index"] = _entry(retrieval.index_path_for(paths["chunks"]), root, "index")
+            files["index"] = _entry(index_path_for(paths["chunks"]), root, "index")
         splits[split] = {"counts": {k: stats[k] for k in ("chunks", "docs", "seqs")},
                          "files": files}
     tok = wrapper.tokenizer
@@ -171,7 +172,7 @@ class Database:
         if manifest.get("version") != VERSION:
             raise ValueError(f"{str(path)!r} has manifest version {manifest.get('version')}, this "
                              f"library reads version {VERSION}: rebuild the database")
-        if manifest.get("update_in_progress"):  # diablogpt_pytorch.update's commit mark
+        if manifest.get("update_in_progress"):  # diablogpt_pytorch.database.update's commit mark
             raise ValueError(f"{str(path)!r}: an update of the database (add_documents / "
                              "remove_documents) was interrupted while its files were being "
                              "replaced: rebuild the database")
@@ -264,9 +265,9 @@ class Database:
         return tok
 
     def retriever(self, device="cpu", faiss_gpu: bool = False):
-        """A :class:`~diablogpt_pytorch.retrieval.Retriever` over the training chunks (queries
+        """A :class:`~diablogpt_pytorch.database.retriever.Retriever` over the training chunks (queries
         read with :meth:`tokenizer`)."""
-        from diablogpt_pytorch.retrieval import Retriever
+        from diablogpt_pytorch.database.retriever import Retriever
 
         return Retriever(self.path("chunks"), self.path("doc_ids"), self.path("index"),
                          embedder=self.embedder, device=device, faiss_gpu=faiss_gpu,
