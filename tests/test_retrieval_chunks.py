@@ -173,7 +173,7 @@ def test_undecodable_bytes_are_replaced_with_a_warning_naming_the_file(tmp_path,
 
 
 def test_empty_documents_are_skipped_with_a_warning(tmp_path, caplog):
-    folder = write_docs(tmp_path / "docs", {"a.txt": "some words", "blank.txt": "  \n "})
+    write_docs(tmp_path / "docs", {"a.txt": "some words", "blank.txt": "  \n "})
     caplog.set_level(logging.WARNING)
     stats, chunks, doc_ids, *_ = build(tmp_path)
     assert stats["docs"] == 1 and stats["empty_docs"] == 1

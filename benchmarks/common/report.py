@@ -246,7 +246,7 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
                       "`torch.utils.flop_counter` (every matmul and attention kernel as each "
                       "library runs it, repeated work included, causal attention counted dense): "
                       + ", ".join(f"{lib} {v['flops'] / 1e9:.0f} GFLOP" for lib, v in c.items()) + ".", ""]
-        lines += [f"Stand-alone matmul measurement of this run: " + ", ".join(
+        lines += ["Stand-alone matmul measurement of this run: " + ", ".join(
                       f"{dt} {v['flops_per_s_median'] / 1e9:.0f} GFLOP/s (best {v['flops_per_s_best'] / 1e9:.0f})"
                       for dt, v in mf["matmul"].items()) + ".", "",
                   "| dtype | matmul GFLOP/s (median) | ours step (s) | achieved GFLOP/s | MFU | "

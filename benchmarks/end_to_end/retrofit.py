@@ -162,9 +162,10 @@ def section(payload: dict) -> str:
         "at` is the first evaluated step at which DIABLOGPT from scratch has the retro-fitted "
         "model's held-out loss (`-`: not within its steps).",
         "",
-        "| when | commit | corpus | pretrain steps | retro-fit steps | base | retro-fitted with retrieval "
-        "| gain | trained params (retro-fit / scratch) | scratch steps | scratch | scratch reaches it at |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| when | commit | corpus | pretrain steps | retro-fit steps | retro-fit lr | base | retro-fitted "
+        "with retrieval | gain | trained params (retro-fit / scratch) | scratch steps | scratch | "
+        "scratch reaches it at |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in payload["history"]:
         for r in run["results"]:
@@ -173,7 +174,7 @@ def section(payload: dict) -> str:
             reach = s["scratch_steps_to_match"] if s["scratch_steps_to_match"] is not None else "-"
             lines.append(
                 f"| {run['when']} | {run['commit']} | {r['corpus']} | {run['pretrain_steps']} | "
-                f"{run['retrofit_steps']} | {s['base']:.3f} | {s['retrofit_with']:.3f} | "
+                f"{run['retrofit_steps']} | {run.get('retrofit_lr', '-')} | {s['base']:.3f} | {s['retrofit_with']:.3f} | "
                 f"{s['gain']:.1%} | {r['new_parameters'] / 1e6:.2f}M / {r['scratch_parameters'] / 1e6:.2f}M | "
                 f"{run['scratch_steps']} | {scratch} | {reach} |")
     lines += ["", f"Held-out loss along the last run ({payload['commit']}, {payload['cpu']}):", "",
