@@ -190,10 +190,10 @@ def build_split_files(settings: BuildSettings, documents: list[Path], paths: dic
             seq_len=s.seq_len,
             tokenizer=s.tokenizer,
         )
-        knn_meta = read_meta(knn_path_for(paths["chunks"])) or {}
         if ranks > 1:
             knn_path, _ = sharded.sharded_chunks_to_precalculated_knn_(**args)
-        elif knn_meta.get("stats", {}).get("world_size", 1) > 1 and sharded.reusable_knn(**args):
+        elif ((read_meta(knn_path_for(paths["chunks"])) or {}).get("stats", {})
+              .get("world_size", 1) > 1 and sharded.reusable_knn(**args)):
             knn_path = knn_path_for(paths["chunks"])  # built by ranks, still current
         else:
             knn_path, _ = chunks_to_precalculated_knn_(**args)

@@ -38,7 +38,8 @@ from diablogpt_pytorch.config import CPU
 from diablogpt_pytorch.database import Database
 
 from benchmarks.common import report as _report
-from benchmarks.end_to_end.retrieval_gain import build_wrapper, make_corpus, train_run, twin_coverage
+from benchmarks.end_to_end.retrieval_gain import (add_run_args, build_wrapper, make_corpus,
+                                                  train_run, twin_coverage)
 
 REPO = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("new_knowledge")
@@ -134,15 +135,7 @@ def section(payload: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--wd", type=float, default=0.01)
-    p.add_argument("--knn", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-bf16", action="store_true")
-    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "new_knowledge"))
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    p.add_argument("--no-report", action="store_true", help="do not touch BENCHMARKS.md")
+    add_run_args(p, "new_knowledge")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diablogpt_pytorch").setLevel(logging.WARNING)

@@ -272,21 +272,27 @@ def section(payload: dict, png: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpora", default=",".join(CORPORA))
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--eval-at", type=lambda s: [int(x) for x in s.split(",")],
-                   default=[100, 200, 400, 800, 1600])
+def add_run_args(p: argparse.ArgumentParser, work: str) -> None:
+    """The options the training benchmarks share: batch, optimiser, K, seed, precision, and where
+    to work (``benchmarks/_work/<work>``) and write results."""
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=0.01)
     p.add_argument("--knn", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bf16", action="store_true")
-    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "retrieval_gain"))
+    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / work))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--no-report", action="store_true", help="do not touch BENCHMARKS.md")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpora", default=",".join(CORPORA))
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--eval-at", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[100, 200, 400, 800, 1600])
+    add_run_args(p, "retrieval_gain")
     p.add_argument("--diagnose", action="store_true", help="at every evaluation of run A also "
                    "record CCA attention shares, the gain by chunk offset and gradient norms")
     args = p.parse_args()

@@ -45,7 +45,7 @@ from diablogpt_pytorch.config import CPU
 from diablogpt_pytorch.retrofit import retrofit
 
 from benchmarks.common import report as _report
-from benchmarks.end_to_end.retrieval_gain import CORPORA, build_wrapper, make_corpus, train_run
+from benchmarks.end_to_end.retrieval_gain import CORPORA, add_run_args, build_wrapper, make_corpus, train_run
 
 REPO = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("retrofit")
@@ -197,16 +197,8 @@ def main() -> None:
                    help="DIABLOGPT from scratch (0 skips it); default: pretrain + retro-fit steps")
     p.add_argument("--eval-at", type=lambda s: [int(x) for x in s.split(",")],
                    default=[25, 50, 100, 150, 200, 300])
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--retrofit-lr", type=float, default=1e-3)
-    p.add_argument("--wd", type=float, default=0.01)
-    p.add_argument("--knn", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-bf16", action="store_true")
-    p.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "retrieval_gain"))
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    p.add_argument("--no-report", action="store_true", help="do not touch BENCHMARKS.md")
+    add_run_args(p, "retrieval_gain")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("diablogpt_pytorch", "transformers"):
