@@ -1,4 +1,4 @@
-"""The ``diablogpt`` command line: build-db, train, eval, generate, neighbours.
+"""The ``diablogpt`` command line: build-db, train, eval, generate, neighbours, add/remove-docs.
 
     diablogpt train                                  # the main job on the default corpus, runs/main
     diablogpt build-db --docs text_folder --db runs/main/db
@@ -7,11 +7,14 @@
     diablogpt eval --model runs/main/model --db runs/main/db
     diablogpt generate --model runs/main/model --db runs/main/db --prompt "A list is"
     diablogpt neighbours --db runs/main/db --chunk 12
+    diablogpt add-docs --db runs/main/db new1.txt new2.txt
+    diablogpt remove-docs --db runs/main/db 3 new2.txt
 
 Every command reads an optional config file (``--config``: TOML, or YAML when the name ends in
 ``.yaml``/``.yml`` and PyYAML is installed) whose sections mirror the Python API:
 ``[model]`` (``DIABLOGPT``'s arguments, plus ``preset``), ``[database]`` (``TrainingWrapper``'s
-database arguments), ``[train]``, ``[eval]``, ``[generate]``, ``[neighbours]``. A command-line flag
+database arguments), ``[train]``, ``[eval]``, ``[generate]``, ``[neighbours]``, ``[update]``
+(add-docs and remove-docs: ``diablogpt_pytorch.database.update``). A command-line flag
 overrides the file, which overrides the defaults. ``diablogpt <command> --help`` lists the flags,
 each with its config key. A key that no section takes is an error naming it.
 """
@@ -144,9 +147,20 @@ NEIGHBOURS = {
     "k": Field(None, "int", "neighbours to show for --text (default: the database's K)"),
 }
 
+UPDATE = {
+    "glob": Field("**/*.txt", "str", "add-docs: which files of a documents folder are documents"),
+    "refresh_neighbours": Field(False, "bool", "add-docs: also search every old chunk's "
+                                "neighbours again (a new document can be closer)"),
+    "duplicates": Field("error", "choice:error,skip", "add-docs: a document equal to one already "
+                        "there is an error, or skipped"),
+    "device": Field("cpu", "str", "where the new or re-searched chunks are embedded"),
+    "embed_batch_size": Field(256, "int", "chunks embedded per step"),
+}
+
 SECTIONS: dict[str, Callable[[], dict[str, Field]]] = {
     "model": _model_fields, "database": lambda: DATABASE, "train": lambda: TRAIN,
     "eval": lambda: EVAL, "generate": lambda: GENERATE, "neighbours": lambda: NEIGHBOURS,
+    "update": lambda: UPDATE,
 }
 
 COMMANDS = {
@@ -160,6 +174,18 @@ COMMANDS = {
              "retrieval"),
     "generate": (("database", "generate"), "sample a continuation with retrieval"),
     "neighbours": (("database", "neighbours"), "show a chunk's retrieved neighbours as text"),
+    "add-docs": (("database", "update"), "add text files (or a folder of them) to a built "
+                 "database without rebuilding it: only the new chunks are embedded and searched"),
+    "remove-docs": (("database", "update"), "remove documents (ids, or the text files that were "
+                    "added) from a built database without rebuilding it"),
+}
+
+#: the positional arguments of the update commands
+POSITIONAL = {
+    "add-docs": ("FILES", "text files to add, in this order, or one folder (its files matching "
+                 "--glob, sorted)"),
+    "remove-docs": ("IDS_OR_FILES", "document ids (as in the doc_ids file) and/or the text files "
+                    "of the documents to remove"),
 }
 
 
@@ -167,7 +193,8 @@ def _command_fields(command: str, section: str) -> dict[str, Field]:
     """The keys of ``section`` that ``command`` reads: eval, generate and neighbours read a built
     database, so of [database] only its folder (the file's other keys are for build-db/train)."""
     fields = SECTIONS[section]()
-    if section == "database" and command in ("eval", "generate", "neighbours"):
+    if section == "database" and command in ("eval", "generate", "neighbours", "add-docs",
+                                              "remove-docs"):
         return {"folder": fields["folder"]}
     return fields
 
@@ -285,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=None,
                        help="config file: TOML, or YAML (.yaml/.yml, needs PyYAML)")
         p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+        if command in POSITIONAL:
+            metavar, text = POSITIONAL[command]
+            p.add_argument("documents", nargs="+", metavar=metavar, help=text)
         for section in sections:
             group = p.add_argument_group(f"[{section}]")
             for key, field in _command_fields(command, section).items():
@@ -316,6 +346,8 @@ def resolve(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             if flag_value is not None:
                 values[key] = _parse(field.kind, flag_value, _flag(key, field))
         config[section] = values
+    if args.command in POSITIONAL:
+        config["update"]["documents"] = list(args.documents)
     if "database" in config and config["database"]["folder"] is None:
         config["database"]["folder"] = (str(Path(config["train"]["out"]) / "db")
                                         if "train" in config else "runs/main/db")
@@ -703,8 +735,49 @@ def cmd_neighbours(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return shown
 
 
+def _update_database(cfg: dict[str, Any], action: str, documents) -> dict[str, Any]:
+    from diablogpt_pytorch.database import update
+
+    u = cfg["update"]
+    folder = Path(cfg["database"]["folder"])
+    _open_database(folder)  # a missing or unfinished database: one line naming it
+    try:
+        if action == "add":
+            result = update.add_documents(
+                folder, documents, glob=u["glob"], refresh_neighbours=u["refresh_neighbours"],
+                duplicates=u["duplicates"], device=u["device"],
+                embed_batch_size=u["embed_batch_size"])
+        else:
+            result = update.remove_documents(folder, documents, device=u["device"],
+                                             embed_batch_size=u["embed_batch_size"])
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def cmd_add_docs(cfg: dict[str, Any]) -> dict[str, Any]:
+    given = [Path(p) for p in cfg["update"]["documents"]]
+    if len(given) == 1 and given[0].is_dir():
+        documents = given[0]
+    else:
+        for path in given:
+            if not path.is_file():
+                raise CLIError(f"{str(path)!r} is not a file: pass text files to add, or one "
+                               "folder of them")
+        documents = given
+    return _update_database(cfg, "add", documents)
+
+
+def cmd_remove_docs(cfg: dict[str, Any]) -> dict[str, Any]:
+    documents = [int(item) if item.isdigit() else Path(item)
+                 for item in cfg["update"]["documents"]]
+    return _update_database(cfg, "remove", documents)
+
+
 HANDLERS = {"build-db": cmd_build_db, "train": cmd_train, "eval": cmd_eval,
-            "generate": cmd_generate, "neighbours": cmd_neighbours}
+            "generate": cmd_generate, "neighbours": cmd_neighbours,
+            "add-docs": cmd_add_docs, "remove-docs": cmd_remove_docs}
 
 
 def run(argv: Optional[Sequence[str]] = None):

@@ -328,7 +328,8 @@ def test_clear_errors(trained, tmp_path, capsys):
 
 
 def test_help_of_every_command():
-    for command in ("build-db", "train", "eval", "generate", "neighbours"):
+    for command in ("build-db", "train", "eval", "generate", "neighbours", "add-docs",
+                    "remove-docs"):
         out = subprocess.run([sys.executable, "-m", "diablogpt_pytorch.cli", command, "--help"],
                              capture_output=True, text=True, cwd=Path(__file__).parent.parent)
         assert out.returncode == 0 and "--config" in out.stdout and command in out.stdout
@@ -352,3 +353,43 @@ def test_evaluation_steps():
     assert evaluation_steps(150, evals=4) == [38, 75, 112, 150]
     assert evaluation_steps(150, eval_every=50) == [50, 100, 150]
     assert evaluation_steps(7, eval_every=0) == [7]
+
+
+def test_add_docs_and_remove_docs(trained, tmp_path, capsys):
+    """Issue 17: the incremental update from the command line, on a copy of the tiny database."""
+    root, config, built, _ = trained
+    db = tmp_path / "db"
+    shutil.copytree(root / "db", db)
+    names = sorted(default_corpus_documents())
+    new = tmp_path / "new.txt"  # a document the database does not hold
+    new.write_text(default_corpus_documents()[names[5]][:1500], encoding="utf-8")
+    chunks = built["train"]["chunks"]
+
+    added = run(["add-docs", "--config", str(config), "-q", "--db", str(db), str(new)])
+    assert added["documents_added"] == 1 and added["chunks"] == chunks + added["chunks_added"] > chunks
+    assert json.loads(capsys.readouterr().out) == added
+    manifest = json.loads((db / "database.json").read_text())
+    assert manifest["splits"]["train"]["counts"]["chunks"] == added["chunks"]
+    err = _errors(["add-docs", "--config", str(config), "--db", str(db), str(new)], capsys)
+    assert "new.txt" in err  # a duplicate is refused, naming the file
+    assert run(["add-docs", "--config", str(config), "-q", "--db", str(db), str(new),
+                "--duplicates", "skip"])["documents_added"] == 0
+    capsys.readouterr()
+
+    removed = run(["remove-docs", "--config", str(config), "-q", "--db", str(db), str(new)])
+    assert removed["documents_removed"] == 1 and removed["chunks"] == chunks
+    capsys.readouterr()
+    # the database is the original again: neighbours read it
+    assert len(run(["neighbours", "--config", str(config), "-q", "--db", str(db), "--chunk", "0"])) == 2
+    capsys.readouterr()
+
+    err = _errors(["remove-docs", "--config", str(config), "--db", str(db), str(new)], capsys)
+    assert "matches no document" in err
+    err = _errors(["remove-docs", "--config", str(config), "--db", str(db), "100000"], capsys)
+    assert "document id 100000 is not in the database" in err
+    err = _errors(["add-docs", "--config", str(config), "--db", str(db),
+                   str(tmp_path / "missing.txt")], capsys)
+    assert "missing.txt" in err and "is not a file" in err
+    err = _errors(["add-docs", "--config", str(config), "--db", str(tmp_path / "nowhere"),
+                   str(new)], capsys)
+    assert "no retrieval database" in err
