@@ -184,14 +184,15 @@ COMMANDS = {
 POSITIONAL = {
     "add-docs": ("FILES", "text files to add, in this order, or one folder (its files matching "
                  "--glob, sorted)"),
-    "remove-docs": ("IDS_OR_FILES", "document ids (as in the doc_ids file) and/or the text files "
-                    "of the documents to remove"),
+    "remove-docs": ("IDS_OR_FILES", "document ids (a number: as in the doc_ids file) and/or the "
+                    "text files of the documents to remove"),
 }
 
 
 def _command_fields(command: str, section: str) -> dict[str, Field]:
-    """The keys of ``section`` that ``command`` reads: eval, generate and neighbours read a built
-    database, so of [database] only its folder (the file's other keys are for build-db/train)."""
+    """The keys of ``section`` that ``command`` reads: eval, generate, neighbours, add-docs and
+    remove-docs read a built database, so of [database] only its folder (the file's other keys
+    are for build-db/train)."""
     fields = SECTIONS[section]()
     if section == "database" and command in ("eval", "generate", "neighbours", "add-docs",
                                               "remove-docs"):
@@ -511,6 +512,9 @@ def cmd_train(cfg: dict[str, Any]) -> dict[str, Any]:
     from diablogpt_pytorch.train_loop import evaluation_steps, plot_losses, train_loop
 
     t = cfg["train"]
+    if t["evals"] is not None and t["evals"] < 1:
+        raise CLIError(f"--evals {t['evals']}: pass a positive number of evaluations (or leave "
+                       "it out for one every --eval-every steps)")
     started = time.time()
     device = _device(t["device"])
     if distributed.launched_distributed():  # torchrun: one device per rank, the group joined

@@ -393,3 +393,8 @@ def test_add_docs_and_remove_docs(trained, tmp_path, capsys):
     err = _errors(["add-docs", "--config", str(config), "--db", str(tmp_path / "nowhere"),
                    str(new)], capsys)
     assert "no retrieval database" in err
+
+
+def test_train_refuses_a_bad_evals_before_building(tmp_path, capsys):
+    err = _errors(["train", "--evals", "0", "--out", str(tmp_path / "run")], capsys)
+    assert "--evals 0" in err and not (tmp_path / "run").exists()
