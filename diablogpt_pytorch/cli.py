@@ -1,15 +1,20 @@
-"""The ``diablogpt`` command line: build-db, train, eval, generate, neighbours.
+"""The ``diablogpt`` command line: build-db, train, eval, generate, neighbours, add/remove-docs.
 
+    diablogpt train                                  # the main job on the default corpus, runs/main
     diablogpt build-db --docs text_folder --db runs/main/db
     diablogpt train --config run.toml --steps 300
+    torchrun --standalone --nproc_per_node 2 -m diablogpt_pytorch.cli train   # DDP
     diablogpt eval --model runs/main/model --db runs/main/db
     diablogpt generate --model runs/main/model --db runs/main/db --prompt "A list is"
     diablogpt neighbours --db runs/main/db --chunk 12
+    diablogpt add-docs --db runs/main/db new1.txt new2.txt
+    diablogpt remove-docs --db runs/main/db 3 new2.txt
 
 Every command reads an optional config file (``--config``: TOML, or YAML when the name ends in
 ``.yaml``/``.yml`` and PyYAML is installed) whose sections mirror the Python API:
 ``[model]`` (``DIABLOGPT``'s arguments, plus ``preset``), ``[database]`` (``TrainingWrapper``'s
-database arguments), ``[train]``, ``[eval]``, ``[generate]``, ``[neighbours]``. A command-line flag
+database arguments), ``[train]``, ``[eval]``, ``[generate]``, ``[neighbours]``, ``[update]``
+(add-docs and remove-docs: ``diablogpt_pytorch.database.update``). A command-line flag
 overrides the file, which overrides the defaults. ``diablogpt <command> --help`` lists the flags,
 each with its config key. A key that no section takes is an error naming it.
 """
@@ -20,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -60,8 +64,9 @@ def _model_fields() -> dict[str, Field]:
 
 
 DATABASE = {
-    "folder": Field("runs/main/db", "path", "folder of the retrieval database (memmaps, index, "
-                    "database.json)", flag="--db"),
+    "folder": Field(None, "path", "folder of the retrieval database (memmaps, index, "
+                    "database.json; default: <out>/db for train, runs/main/db for the other "
+                    "commands)", flag="--db"),
     "documents": Field(None, "path", "folder of text documents (default: the default corpus, "
                        "written to <db>/../text_folder)", flag="--docs"),
     "glob": Field("**/*.txt", "str", "which files of the documents folder are documents"),
@@ -88,7 +93,9 @@ DATABASE = {
 }
 
 TRAIN = {
-    "out": Field("runs/main", "path", "folder for checkpoint.pt, model/ and metrics.jsonl"),
+    "out": Field("runs/main", "path", "folder for checkpoint.pt, model/, loss.png, metrics.json "
+                 "and metrics.jsonl (and, by default, the database db/ and the default corpus "
+                 "text_folder/)"),
     "steps": Field(150, "int", "optimizer steps in all"),
     "batch_size": Field(4, "int", "sequences per micro-batch"),
     "grad_accum": Field(1, "int", "micro-batches per optimizer step"),
@@ -101,12 +108,16 @@ TRAIN = {
     "log_every": Field(10, "int", "steps between loss / lr / tokens-per-second records"),
     "eval_every": Field(50, "int", "steps between held-out evaluations with and without "
                         "retrieval (0: only at the end)"),
+    "evals": Field(None, "int", "held-out evaluations spread evenly over training, the last at "
+                   "the end (overrides eval_every)"),
     "eval_batches": Field(None, "int", "batches per evaluation (default: the whole held-out split)"),
     "checkpoint_every": Field(50, "int", "steps between checkpoints (0: only at the end)"),
     "tensorboard": Field(None, "path", "also log the metrics as TensorBoard event files in this "
                          "folder (needs pip install tensorboard; without it a warning says so)",
                          flag="--tensorboard"),
     "resume": Field(False, "bool", "continue from <out>/checkpoint.pt"),
+    "max_new_tokens": Field(128, "int", "tokens of the sample generated with retrieval and "
+                            "printed at the end (0: no sample)"),
 }
 
 EVAL = {
@@ -136,28 +147,55 @@ NEIGHBOURS = {
     "k": Field(None, "int", "neighbours to show for --text (default: the database's K)"),
 }
 
+UPDATE = {
+    "glob": Field("**/*.txt", "str", "add-docs: which files of a documents folder are documents"),
+    "refresh_neighbours": Field(False, "bool", "add-docs: also search every old chunk's "
+                                "neighbours again (a new document can be closer)"),
+    "duplicates": Field("error", "choice:error,skip", "add-docs: a document equal to one already "
+                        "there is an error, or skipped"),
+    "device": Field("cpu", "str", "where the new or re-searched chunks are embedded"),
+    "embed_batch_size": Field(256, "int", "chunks embedded per step"),
+}
+
 SECTIONS: dict[str, Callable[[], dict[str, Field]]] = {
     "model": _model_fields, "database": lambda: DATABASE, "train": lambda: TRAIN,
     "eval": lambda: EVAL, "generate": lambda: GENERATE, "neighbours": lambda: NEIGHBOURS,
+    "update": lambda: UPDATE,
 }
 
 COMMANDS = {
     "build-db": (("model", "database"), "build (or reuse) the retrieval database and its "
                  "manifest; [model] gives chunk_size, max_seq_len and the vocabulary"),
-    "train": (("model", "database", "train"), "build or reuse the database, train, evaluate with "
-              "and without retrieval, checkpoint, and save the model folder <out>/model"),
+    "train": (("model", "database", "train"), "the main job: build or reuse the database, train, "
+              "evaluate with and without retrieval, checkpoint, save the model folder "
+              "<out>/model, plot <out>/loss.png, write <out>/metrics.json and print a sample "
+              "generated with retrieval (under torchrun: DDP, rank 0 writes)"),
     "eval": (("database", "eval"), "held-out loss, perplexity and bits per byte with and without "
              "retrieval"),
     "generate": (("database", "generate"), "sample a continuation with retrieval"),
     "neighbours": (("database", "neighbours"), "show a chunk's retrieved neighbours as text"),
+    "add-docs": (("database", "update"), "add text files (or a folder of them) to a built "
+                 "database without rebuilding it: only the new chunks are embedded and searched"),
+    "remove-docs": (("database", "update"), "remove documents (ids, or the text files that were "
+                    "added) from a built database without rebuilding it"),
+}
+
+#: the positional arguments of the update commands
+POSITIONAL = {
+    "add-docs": ("FILES", "text files to add, in this order, or one folder (its files matching "
+                 "--glob, sorted)"),
+    "remove-docs": ("IDS_OR_FILES", "document ids (a number: as in the doc_ids file) and/or the "
+                    "text files of the documents to remove"),
 }
 
 
 def _command_fields(command: str, section: str) -> dict[str, Field]:
-    """The keys of ``section`` that ``command`` reads: eval, generate and neighbours read a built
-    database, so of [database] only its folder (the file's other keys are for build-db/train)."""
+    """The keys of ``section`` that ``command`` reads: eval, generate, neighbours, add-docs and
+    remove-docs read a built database, so of [database] only its folder (the file's other keys
+    are for build-db/train)."""
     fields = SECTIONS[section]()
-    if section == "database" and command in ("eval", "generate", "neighbours"):
+    if section == "database" and command in ("eval", "generate", "neighbours", "add-docs",
+                                              "remove-docs"):
         return {"folder": fields["folder"]}
     return fields
 
@@ -275,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=None,
                        help="config file: TOML, or YAML (.yaml/.yml, needs PyYAML)")
         p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+        if command in POSITIONAL:
+            metavar, text = POSITIONAL[command]
+            p.add_argument("documents", nargs="+", metavar=metavar, help=text)
         for section in sections:
             group = p.add_argument_group(f"[{section}]")
             for key, field in _command_fields(command, section).items():
@@ -306,6 +347,11 @@ def resolve(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             if flag_value is not None:
                 values[key] = _parse(field.kind, flag_value, _flag(key, field))
         config[section] = values
+    if args.command in POSITIONAL:
+        config["update"]["documents"] = list(args.documents)
+    if "database" in config and config["database"]["folder"] is None:
+        config["database"]["folder"] = (str(Path(config["train"]["out"]) / "db")
+                                        if "train" in config else "runs/main/db")
     return config
 
 
@@ -457,91 +503,137 @@ def cmd_build_db(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_train(cfg: dict[str, Any]) -> dict[str, Any]:
-    import torch
-    from tqdm.auto import tqdm
-
-    from diablogpt_pytorch import DIABLOGPT
+    """Build or reuse the database, train (``train_loop``), evaluate with and without retrieval,
+    checkpoint, save the model folder, plot ``loss.png``, write ``metrics.json`` and print the
+    held-out figures and a sample generated with retrieval. Under torchrun every rank runs it and
+    rank 0 alone writes, plots, samples and prints."""
+    from diablogpt_pytorch import DIABLOGPT, distributed
     from diablogpt_pytorch.tracking import MetricsLogger
-    from diablogpt_pytorch.data import StepBatchSampler
-    from diablogpt_pytorch.optim import lr_schedule
+    from diablogpt_pytorch.train_loop import evaluation_steps, plot_losses, train_loop
 
     t = cfg["train"]
+    if t["evals"] is not None and t["evals"] < 1:
+        raise CLIError(f"--evals {t['evals']}: pass a positive number of evaluations (or leave "
+                       "it out for one every --eval-every steps)")
+    started = time.time()
     device = _device(t["device"])
+    if distributed.launched_distributed():  # torchrun: one device per rank, the group joined
+        device = distributed.init_distributed(
+            device=None if t["device"] == "auto" else device).device
+    main_rank = distributed.is_main()
     out = Path(t["out"])
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(t["seed"])
-    model = DIABLOGPT(**model_config(cfg["model"], lm_tokenizer(cfg["database"]))).to(device)
+    # each rank its own reproducible stream (rank 0's is the one-process run's); DDP copies
+    # rank 0's initial weights to the others
+    distributed.seed_everything(t["seed"])
+    with distributed.main_process_first("preparing the tokenizer"):
+        tokenizer = lm_tokenizer(cfg["database"])
+    model = DIABLOGPT(**model_config(cfg["model"], tokenizer)).to(device)
     wrapper = _wrapper(cfg, model, device)
+    database_seconds = time.time() - started
     optim = wrapper.get_optimizer(lr=t["lr"], wd=t["wd"])
     checkpoint = out / "checkpoint.pt"
-    start_step = 0
+    start_step, losses, curve = 0, [], []
     if t["resume"]:
         if not checkpoint.is_file():
             raise CLIError(f"--resume: there is no checkpoint {str(checkpoint)!r} (train without "
                            "--resume first, or point --out at the run to continue)")
         try:
-            start_step = int(wrapper.load_checkpoint(checkpoint, optim)["step"])
+            payload = wrapper.load_checkpoint(checkpoint, optim)
         except ValueError as err:
             raise CLIError(f"{err} (resume with the [model] config it was trained with, or "
                            "train without --resume)") from err
+        start_step = int(payload["step"])
+        losses = payload.get("extra", {}).get("losses", [])
+        curve = payload.get("extra", {}).get("curve", [])
         logger.info("resumed from %s at step %d", checkpoint, start_step)
-    steps, accum, batch_size = t["steps"], t["grad_accum"], t["batch_size"]
-    metrics = MetricsLogger(out / "metrics.jsonl", t["tensorboard"], start_step)
-    sampler = StepBatchSampler(len(wrapper.train_ds), batch_size, seed=t["seed"],
-                               start_step=start_step * accum)
-    batches = iter(wrapper.get_dataloader(batch_sampler=sampler, num_workers=0))
-    tokens_per_step = batch_size * accum * model.max_seq_len
-    held_out = []
-
-    def evaluate(step):
-        if wrapper.valid_ds is None:
-            return
-        result = wrapper.evaluate(batch_size=batch_size, max_batches=t["eval_batches"],
-                                  progress=False)
-        with_r, without_r = (result[k]["loss"] for k in ("with_retrieval", "without_retrieval"))
-        metrics.log(step, **{"held_out/with_retrieval": with_r,
-                             "held_out/without_retrieval": without_r})
-        held_out.append({"step": step, "with_retrieval": with_r, "without_retrieval": without_r})
-        model.train()
-
-    model.train()
-    window_loss, window_steps, window_seconds = 0.0, 0, 0.0
-    bar = tqdm(range(start_step, steps), desc="training", initial=start_step, total=steps)
-    for step in bar:
-        step_started = time.time()
-        lr = lr_schedule(step, steps, t["lr"], t["warmup"])
-        for group in optim.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for _ in range(accum):
-            seq, retrieved = (x.to(device) for x in next(batches))
-            with wrapper.autocast():
-                loss = model(seq, retrieved, return_loss=True) / accum
-            loss.backward()
-            step_loss += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        window_seconds += time.time() - step_started  # evaluation and checkpoints left out
-        if not math.isfinite(step_loss):
-            raise CLIError(f"the loss is {step_loss} at step {step + 1}: lower --lr")
-        bar.set_postfix(loss=f"{step_loss:.3f}")
-        window_loss, window_steps, done = window_loss + step_loss, window_steps + 1, step + 1
-        if done % t["log_every"] == 0 or done == steps:
-            metrics.log(done, **{"train/loss": window_loss / window_steps, "train/lr": lr,
-                                 "train/tokens_per_s": window_steps * tokens_per_step
-                                 / max(window_seconds, 1e-9)})
-            window_loss, window_steps, window_seconds = 0.0, 0, 0.0
-        if (t["eval_every"] and done % t["eval_every"] == 0) or done == steps:
-            evaluate(done)
-        if (t["checkpoint_every"] and done % t["checkpoint_every"] == 0) or done == steps:
-            wrapper.save_checkpoint(checkpoint, optim, step=done)
-    metrics.close()
-    model.save_pretrained(out / "model")
+    steps, batch_size = t["steps"], t["batch_size"]
+    tracker = MetricsLogger(out / "metrics.jsonl", t["tensorboard"], start_step,
+                            enabled=main_rank)
+    try:
+        trained = train_loop(
+            wrapper, optim, steps=steps, lr=t["lr"], batch_size=batch_size, warmup=t["warmup"],
+            grad_accum=t["grad_accum"], seed=t["seed"], start_step=start_step, losses=losses,
+            held_out=curve, eval_steps=evaluation_steps(steps, t["evals"], t["eval_every"]),
+            eval_batches=t["eval_batches"], log_every=t["log_every"], checkpoint_path=checkpoint,
+            checkpoint_every=t["checkpoint_every"], tracker=tracker)
+    except FloatingPointError as err:
+        raise CLIError(str(err)) from err
+    finally:
+        tracker.close()
     result = {"steps": steps, "resumed_from": start_step, "checkpoint": str(checkpoint),
-              "model": str(out / "model"), "metrics": str(metrics.path), "held_out": held_out}
-    print(json.dumps(result, indent=2))
+              "model": str(out / "model"), "metrics": str(out / "metrics.jsonl"),
+              "held_out": trained.held_out, "losses": trained.losses}
+    if not main_rank:  # rank 0 alone saves the model folder, plots, samples and reports
+        distributed.cleanup()
+        return result
+    model.save_pretrained(out / "model")
+    plot = plot_losses(out / "loss.png", trained.losses, trained.held_out)
+    result["loss_plot"] = None if plot is None else str(plot)
+    prompt = sample = None
+    if t["max_new_tokens"] > 0:
+        # the first chunk of a held-out document (else a training one) as the prompt, retrieval
+        # at chunk boundaries
+        dataset = wrapper.valid_ds if wrapper.valid_ds is not None else wrapper.train_ds
+        start = dataset[0][0][None, :model.chunk_size].to(device)
+        sampled = wrapper.generate(start, filter_thres=0.9, temperature=1.0,
+                                   max_new_tokens=t["max_new_tokens"])
+        prompt = wrapper.ids_to_text(start[0])
+        sample = wrapper.ids_to_text(sampled[0, start.shape[1]:])
+    result["sample"] = sample
+    final = trained.final
+    gain = (1 - final["with_retrieval"]["loss"] / final["without_retrieval"]["loss"]
+            if final else None)
+    summary = dict(
+        device=str(device), bf16=wrapper.bf16, config=model.config,
+        tokenizer=wrapper.tokenizer.identity(), valid_bytes=wrapper.valid_num_bytes,
+        steps=steps, batch_size=batch_size, grad_accum=t["grad_accum"],
+        world_size=distributed.get_world_size(), train_documents=len(wrapper.train_documents),
+        valid_documents=len(wrapper.valid_documents), train_stats=wrapper.train_stats,
+        valid_stats=wrapper.valid_stats,
+        final_train_loss=sum(trained.losses[-10:]) / max(1, len(trained.losses[-10:])),
+        held_out=final, held_out_curve=trained.held_out, retrieval_gain=gain,
+        tokens_per_second=trained.tokens_per_second, database_seconds=database_seconds,
+        train_seconds=trained.train_seconds, wall_seconds=time.time() - started,
+        prompt=prompt, sample=sample)
+    from diablogpt_pytorch._io import atomic_path
+
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    result["summary"] = str(out / "metrics.json")
+    _print_train_report(summary, result)
+    distributed.cleanup()
     return result
+
+
+def _print_train_report(summary: dict[str, Any], result: dict[str, Any]) -> None:
+    world, accum = summary["world_size"], summary["grad_accum"]
+    print(f"\ndevice {summary['device']}, bf16 {summary['bf16']}, {summary['steps']} steps of "
+          f"{summary['batch_size']} x {summary['config']['max_seq_len']} tokens"
+          + (f" x {accum} micro-batches" if accum > 1 else "")
+          + (f" x {world} ranks" if world > 1 else "")
+          + f", {summary['tokens_per_second']:.0f} tokens/s; train docs "
+          f"{summary['train_documents']}, held-out docs {summary['valid_documents']}")
+    final = summary["held_out"]
+    if final:
+        print(f"{'held-out':<20}{'loss':>8}{'ppl':>10}{'bpb':>8}")
+        for name, key in (("with retrieval", "with_retrieval"),
+                          ("without retrieval", "without_retrieval")):
+            m = final[key]
+            bpb = "-" if m.get("bits_per_byte") is None else f"{m['bits_per_byte']:.3f}"
+            print(f"{name:<20}{m['loss']:>8.3f}{m['perplexity']:>10.1f}{bpb:>8}")
+        print(f"retrieval gain (loss without / with, same weights): "
+              f"{summary['retrieval_gain']:.1%}; along training: "
+              + ", ".join(f"step {c['step']} {1 - c['with_retrieval'] / c['without_retrieval']:.1%}"
+                          for c in summary["held_out_curve"]))
+    if summary["sample"] is not None:
+        print(f"\nprompt: {summary['prompt']}")
+        print(f"sample: {summary['sample']}")
+    plot = result.get("loss_plot") or "not drawn (pip install matplotlib)"
+    print(f"\ncheckpoint {result['checkpoint']}, model folder {result['model']}, loss curve "
+          f"{plot}, metrics {result['summary']} and {result['metrics']}")
+    print(f"wall time {summary['wall_seconds']:.0f}s (database {summary['database_seconds']:.0f}s, "
+          f"training {summary['train_seconds']:.0f}s)")
 
 
 def cmd_eval(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -647,8 +739,49 @@ def cmd_neighbours(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return shown
 
 
+def _update_database(cfg: dict[str, Any], action: str, documents) -> dict[str, Any]:
+    from diablogpt_pytorch.database import update
+
+    u = cfg["update"]
+    folder = Path(cfg["database"]["folder"])
+    _open_database(folder)  # a missing or unfinished database: one line naming it
+    try:
+        if action == "add":
+            result = update.add_documents(
+                folder, documents, glob=u["glob"], refresh_neighbours=u["refresh_neighbours"],
+                duplicates=u["duplicates"], device=u["device"],
+                embed_batch_size=u["embed_batch_size"])
+        else:
+            result = update.remove_documents(folder, documents, device=u["device"],
+                                             embed_batch_size=u["embed_batch_size"])
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def cmd_add_docs(cfg: dict[str, Any]) -> dict[str, Any]:
+    given = [Path(p) for p in cfg["update"]["documents"]]
+    if len(given) == 1 and given[0].is_dir():
+        documents = given[0]
+    else:
+        for path in given:
+            if not path.is_file():
+                raise CLIError(f"{str(path)!r} is not a file: pass text files to add, or one "
+                               "folder of them")
+        documents = given
+    return _update_database(cfg, "add", documents)
+
+
+def cmd_remove_docs(cfg: dict[str, Any]) -> dict[str, Any]:
+    documents = [int(item) if item.isdigit() else Path(item)
+                 for item in cfg["update"]["documents"]]
+    return _update_database(cfg, "remove", documents)
+
+
 HANDLERS = {"build-db": cmd_build_db, "train": cmd_train, "eval": cmd_eval,
-            "generate": cmd_generate, "neighbours": cmd_neighbours}
+            "generate": cmd_generate, "neighbours": cmd_neighbours,
+            "add-docs": cmd_add_docs, "remove-docs": cmd_remove_docs}
 
 
 def run(argv: Optional[Sequence[str]] = None):
@@ -656,7 +789,8 @@ def run(argv: Optional[Sequence[str]] = None):
     A user error is printed as one line and exits with status 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    other_rank = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 alone logs progress
+    logging.basicConfig(level=logging.WARNING if args.quiet or other_rank else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return HANDLERS[args.command](resolve(args))

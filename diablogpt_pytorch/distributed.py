@@ -2,7 +2,8 @@
 
 Launch any script of this library with ``torchrun`` and call :func:`init_distributed` first:
 
-    torchrun --nproc_per_node 4 examples/train.py                          # one machine
+    torchrun --nproc_per_node 4 -m diablogpt_pytorch.cli train             # one machine
+    torchrun --nproc_per_node 4 examples/train.py                          # the same
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 \\
              --rdzv_backend c10d --rdzv_endpoint host0:29500 examples/train.py  # and node_rank 1
 

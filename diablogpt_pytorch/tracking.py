@@ -3,8 +3,9 @@
 :class:`MetricsLogger` records scalars by step: one JSON object per record in a ``.jsonl`` file
 (always readable, no dependency) and, when given a folder, TensorBoard event files written with
 ``torch.utils.tensorboard`` (``pip install tensorboard``; without it a warning says so once and
-training goes on without them). The training loops of ``examples/train.py`` and
-``diablogpt train`` log these tags:
+training goes on without them). The training loop of the main job
+(:func:`diablogpt_pytorch.train_loop.train_loop`, behind ``diablogpt train`` and
+``examples/train.py``) logs these tags:
 
 - ``train/loss`` (mean over the steps since the last record), ``train/lr``,
   ``train/tokens_per_s`` (training tokens of all ranks per second of training, evaluation and

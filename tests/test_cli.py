@@ -1,7 +1,12 @@
 """The `diablogpt` command line end to end on a tiny config: build-db, train (metrics, checkpoints,
-TensorBoard, resume), eval, generate, neighbours; config-file and flag precedence; clear errors."""
+TensorBoard, resume, loss plot, printed sample, the same losses as a plain loop, two ranks under
+torchrun), eval, generate, neighbours; config-file and flag precedence; clear errors."""
 
+import contextlib
+import importlib.util
+import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -76,7 +81,10 @@ def trained(tmp_path_factory):
     config.write_text(CONFIG.format(root=root.as_posix()))
     built = run(["build-db", "--config", str(config), "-q"])
     # --tensorboard: without TensorBoard installed a warning says so and training goes on
-    result = run(["train", "--config", str(config), "-q", "--tensorboard", str(root / "tb")])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = run(["train", "--config", str(config), "-q", "--tensorboard", str(root / "tb")])
+    result["printed"] = printed.getvalue()
     return root, config, built, result
 
 
@@ -102,6 +110,108 @@ def test_build_db_and_train(trained):
     assert [r["step"] for r in train] == [2, 4] and [r["step"] for r in held] == [2, 4]
     assert all(r["train/tokens_per_s"] > 0 and r["train/lr"] > 0 for r in train)
     assert [h["step"] for h in result["held_out"]] == [2, 4]
+    # what the main job shows: the loss plot, metrics.json, the held-out table and a sample
+    summary = json.loads((root / "run" / "metrics.json").read_text())
+    assert [c["step"] for c in summary["held_out_curve"]] == [2, 4]
+    assert summary["held_out"]["with_retrieval"]["loss"] == result["held_out"][-1]["with_retrieval"]
+    assert summary["steps"] == 4 and summary["world_size"] == 1 and len(result["losses"]) == 4
+    if importlib.util.find_spec("matplotlib") is None:  # without the plot extra: no plot
+        assert result["loss_plot"] is None and not (root / "run" / "loss.png").exists()
+    else:
+        assert (root / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["sample"] and f"sample: {result['sample']}" in result["printed"]
+    assert summary["sample"] == result["sample"]
+    assert "with retrieval" in result["printed"] and "without retrieval" in result["printed"]
+
+
+def test_train_losses_equal_a_plain_loop(trained, tmp_path):
+    """`diablogpt train` (the library's train_loop) gives, step by step, the losses of a plain
+    few-line loop with the same seed, batch order, learning-rate schedule and accumulation."""
+    from torch.utils.data import DataLoader
+
+    from diablogpt_pytorch import TrainingWrapper
+    from diablogpt_pytorch.cli import lm_tokenizer, model_config
+    from diablogpt_pytorch.data import StepBatchSampler
+    from diablogpt_pytorch.optim import get_optimizer, lr_schedule
+
+    root, config, *_ = trained
+    result = run(["train", "--config", str(config), "-q", "--out", str(tmp_path / "run"),
+                  "--log-every", "1", "--grad-accum", "2", "--max-new-tokens", "0"])
+    assert result["sample"] is None
+
+    torch.manual_seed(0)
+    cfg = resolve(build_parser().parse_args(["train", "--config", str(config)]))
+    model = DIABLOGPT(**model_config(cfg["model"], lm_tokenizer(cfg["database"])))
+    db = root / "db"
+    wrapper = TrainingWrapper(
+        diablogpt=model, knn=2, chunk_size=16, documents_path=root / "docs", glob="*.txt",
+        chunks_memmap_path=db / "train.chunks.dat", seqs_memmap_path=db / "train.seq.dat",
+        doc_ids_memmap_path=db / "train.doc_ids.dat", knn_extra_neighbors=8,
+        valid_fraction=0.2, device="cpu", tokenizer="train", tokenizer_vocab_size=4096)
+    optim = get_optimizer(model, lr=1e-3, wd=0.01)
+    batches = iter(DataLoader(wrapper.train_ds,
+                              batch_sampler=StepBatchSampler(len(wrapper.train_ds), 2, seed=0)))
+    losses = []
+    for step in range(4):
+        for group in optim.param_groups:
+            group["lr"] = lr_schedule(step, 4, 1e-3)
+        total = 0.0
+        for _ in range(2):
+            seq, retrieved = next(batches)
+            loss = model(seq, retrieved, return_loss=True) / 2
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        optim.zero_grad()
+        losses.append(total)
+    records = [json.loads(line) for line in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/loss"] for r in records if "train/loss" in r] == pytest.approx(losses, rel=1e-6)
+    assert result["losses"] == pytest.approx(losses, rel=1e-6)
+    assert len(set(losses)) == 4  # the steps differ: the comparison is not of constants
+
+
+def test_train_under_two_ranks(trained, tmp_path):
+    """`diablogpt train` under torchrun (2 ranks, gloo, CPU): DDP over the database build-db made;
+    rank 0 alone writes the records, the model folder and metrics.json, and prints the sample;
+    the checkpoint loads in one process."""
+    from test_distributed import assert_ok, free_port
+
+    from diablogpt_pytorch.checkpoint import load_model
+
+    root, config, *_ = trained
+    out = tmp_path / "run"
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                   PYTHONPATH=str(Path(__file__).parent.parent) + os.pathsep
+                   + os.environ.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "diablogpt_pytorch.cli", "train", "--config", str(config),
+             "--out", str(out), "--batch-size", "1", "--max-new-tokens", "4"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    printed, results = [], []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a rank was still running after 600 s: it hung")
+        printed.append(stdout)
+        results.append((p.returncode, stderr))
+    assert_ok(results)
+    assert "sample:" in printed[0] and "x 2 ranks" in printed[0] and printed[1] == ""
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["world_size"] == 2 and [c["step"] for c in summary["held_out_curve"]] == [2, 4]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [2, 4]  # written once
+    assert DIABLOGPT.from_pretrained(out / "model").config["dec_dim"] == 64
+    assert load_model(out / "checkpoint.pt").config["dec_dim"] == 64
 
 
 def test_eval_generate_neighbours(trained, capsys):
@@ -218,7 +328,73 @@ def test_clear_errors(trained, tmp_path, capsys):
 
 
 def test_help_of_every_command():
-    for command in ("build-db", "train", "eval", "generate", "neighbours"):
+    for command in ("build-db", "train", "eval", "generate", "neighbours", "add-docs",
+                    "remove-docs"):
         out = subprocess.run([sys.executable, "-m", "diablogpt_pytorch.cli", command, "--help"],
                              capture_output=True, text=True, cwd=Path(__file__).parent.parent)
         assert out.returncode == 0 and "--config" in out.stdout and command in out.stdout
+
+
+def test_loss_plot_without_matplotlib_is_skipped_with_one_warning(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from diablogpt_pytorch.train_loop import plot_losses
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the plot extra were not installed
+    with caplog.at_level(logging.WARNING, logger="diablogpt_pytorch.train_loop"):
+        assert plot_losses(tmp_path / "loss.png", [3.0, 2.0], []) is None
+    assert not (tmp_path / "loss.png").exists()
+    assert len(caplog.records) == 1 and "pip install 'diablogpt-pytorch[plot]'" in caplog.text
+
+
+def test_evaluation_steps():
+    from diablogpt_pytorch.train_loop import evaluation_steps
+
+    assert evaluation_steps(150, evals=4) == [38, 75, 112, 150]
+    assert evaluation_steps(150, eval_every=50) == [50, 100, 150]
+    assert evaluation_steps(7, eval_every=0) == [7]
+
+
+def test_add_docs_and_remove_docs(trained, tmp_path, capsys):
+    """Issue 17: the incremental update from the command line, on a copy of the tiny database."""
+    root, config, built, _ = trained
+    db = tmp_path / "db"
+    shutil.copytree(root / "db", db)
+    names = sorted(default_corpus_documents())
+    new = tmp_path / "new.txt"  # a document the database does not hold
+    new.write_text(default_corpus_documents()[names[5]][:1500], encoding="utf-8")
+    chunks = built["train"]["chunks"]
+
+    added = run(["add-docs", "--config", str(config), "-q", "--db", str(db), str(new)])
+    assert added["documents_added"] == 1 and added["chunks"] == chunks + added["chunks_added"] > chunks
+    assert json.loads(capsys.readouterr().out) == added
+    manifest = json.loads((db / "database.json").read_text())
+    assert manifest["splits"]["train"]["counts"]["chunks"] == added["chunks"]
+    err = _errors(["add-docs", "--config", str(config), "--db", str(db), str(new)], capsys)
+    assert "new.txt" in err  # a duplicate is refused, naming the file
+    assert run(["add-docs", "--config", str(config), "-q", "--db", str(db), str(new),
+                "--duplicates", "skip"])["documents_added"] == 0
+    capsys.readouterr()
+
+    removed = run(["remove-docs", "--config", str(config), "-q", "--db", str(db), str(new)])
+    assert removed["documents_removed"] == 1 and removed["chunks"] == chunks
+    capsys.readouterr()
+    # the database is the original again: neighbours read it
+    assert len(run(["neighbours", "--config", str(config), "-q", "--db", str(db), "--chunk", "0"])) == 2
+    capsys.readouterr()
+
+    err = _errors(["remove-docs", "--config", str(config), "--db", str(db), str(new)], capsys)
+    assert "matches no document" in err
+    err = _errors(["remove-docs", "--config", str(config), "--db", str(db), "100000"], capsys)
+    assert "document id 100000 is not in the database" in err
+    err = _errors(["add-docs", "--config", str(config), "--db", str(db),
+                   str(tmp_path / "missing.txt")], capsys)
+    assert "missing.txt" in err and "is not a file" in err
+    err = _errors(["add-docs", "--config", str(config), "--db", str(tmp_path / "nowhere"),
+                   str(new)], capsys)
+    assert "no retrieval database" in err
+
+
+def test_train_refuses_a_bad_evals_before_building(tmp_path, capsys):
+    err = _errors(["train", "--evals", "0", "--out", str(tmp_path / "run")], capsys)
+    assert "--evals 0" in err and not (tmp_path / "run").exists()

@@ -1,5 +1,5 @@
 """Training metrics: MetricsLogger's JSON Lines and TensorBoard records, and the main job
-(examples/train.py) writing TensorBoard event files and periodic checkpoints."""
+(examples/train.py, over `diablogpt train`) writing TensorBoard event files and periodic checkpoints."""
 
 import json
 import logging
@@ -77,6 +77,7 @@ def test_main_job_writes_event_files_and_periodic_checkpoints(tmp_path):
         capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "saved checkpoint at step 2" in out.stderr and "saved checkpoint at step 4" in out.stderr
+    assert "sample: " in out.stdout and "with retrieval" in out.stdout  # the main job's report
     scalars = _event_scalars(tmp_path / "tb")
     assert TAGS <= set(scalars)
     for tag in TAGS:
