@@ -84,12 +84,13 @@ def test_auto_builds_the_kind_it_chose_with_recall_and_size_as_recorded(factory,
     path = tmp_path / "e.index"
     built = idx.build_index(vectors, None, path, max_index_memory_usage=budget(factory),
                             exact_max_vectors=1000 if factory != "Flat" else N)
-    assert type(faiss.downcast_index(built)).__name__ == KINDS[factory]
+    assert type(faiss.downcast_index(idx.unwrap(built))).__name__ == KINDS[factory]
+    assert isinstance(built, idx.RescoredIndex) == ("PQ" in factory)  # PQ codes are rescored
     assert built.metric_type == faiss.METRIC_INNER_PRODUCT and built.ntotal == N
     record = idx.index_record(path)
     assert record["factory"] == factory and record["requested"] == "auto"
     assert abs(record["bytes"] / idx.index_bytes(factory, N, D) - 1) < 0.02
-    recall = brute_force_recall(idx.read_index(path), vectors)
+    recall = brute_force_recall(idx.read_index(path, embeddings=vectors), vectors)
     assert recall >= 0.9, (factory, recall, record)
     if factory == "Flat":
         assert record["search_params"] == {} and recall == 1.0
