@@ -64,7 +64,7 @@ MAX_EF_SEARCH = 4096
 #: exact inner products (:class:`RescoredIndex`)
 DEFAULT_RESCORE = 8
 #: embedding rows gathered per rescoring step (bounds its memory: rows x dim x 4 bytes)
-RESCORE_ROWS = 1 << 15
+RESCORE_ROWS = 1 << 12
 #: the rescoring factor tuning raises up to
 MAX_RESCORE = 64
 PathLike = Union[str, Path]
