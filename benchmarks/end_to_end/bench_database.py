@@ -18,7 +18,9 @@ modules (one document per topic / module), written to a temporary folder.
 ``--scale``: the build's growth with the corpus. Databases of 1x, 4x and 16x a base size of the
 standard library's own sources (``.py`` files under ``sysconfig``'s stdlib) and the pydoc topics,
 one document per file, in a seeded random order (each size holds the smaller ones). Every stage
-(chunking, embedding, exact and approximate index, neighbours) runs in its own process; each
+(chunking, embedding, exact and approximate index, neighbours) runs in its own process; the
+indexes (exact, ``auto`` at the default budget, HNSW32, IVF-PQ48) are built, tuned and, for PQ,
+rescored by the library (``index.build_index``) and loaded as it loads them; each
 reports its wall time, per-chunk cost and peak memory (``VmHWM`` and a sampled peak of anonymous
 memory, from ``/proc/self/status``). The embedding stage embeds every chunk up to
 ``--embed-full-max`` chunks; above that it embeds a random sample of ``--embed-sample`` chunks

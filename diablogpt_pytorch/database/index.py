@@ -283,6 +283,8 @@ class RescoredIndex:
                              "index was built from (or rebuild it)")
 
     def __getattr__(self, name):
+        if "index" not in self.__dict__:  # not built yet (copy, unpickling)
+            raise AttributeError(name)
         return getattr(self.__dict__["index"], name)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -891,7 +893,8 @@ def search_excluding(index, queries: np.ndarray, k: int, *, num_extra: int = 10,
     up to ``min(max_k, index.ntotal)``. What still is missing is -1 (score -inf).
 
     Args:
-        index: faiss index over normalised vectors (inner product).
+        index: faiss index over normalised vectors (inner product), or a :class:`RescoredIndex`
+            (the exclusions apply to its re-ranked candidates).
         queries: float32 (b, d) normalised query vectors.
         self_ids: int (b,) the queries' own chunk ids (excluded by id).
         query_doc_ids: int (b,) the queries' documents (their chunks are excluded).
