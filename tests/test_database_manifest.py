@@ -49,7 +49,7 @@ def test_the_manifest_lists_every_file_and_the_counts(built):
     for entry in train["files"].values():
         assert entry["what"] and entry["build"]
     # the index's provenance: what was built and how well it searches
-    assert train["files"]["index"]["faiss"] == {"factory": "Flat", "search_params": {},
+    assert train["files"]["index"]["faiss"] == {"factory": "Flat", "search_params": {}, "rescore": 0,
                                                 "recall_at_2": 1.0, "recall_queries": 0}
     # every file the database folder holds is listed (sidecars and the manifest aside)
     listed = {e["path"] for s in manifest["splits"].values() for e in s["files"].values()}

@@ -254,3 +254,35 @@ def test_approximate_indexes_take_new_vectors_with_their_training(tmp_path):
         update._index_for(path, faiss.index_factory(16, "IVF8,Flat"), vectors, reset=False)
     with pytest.raises(ValueError, match="IndexIDMap index .*x.index cannot be added to"):
         update._index_for(path, faiss.IndexIDMap(faiss.IndexFlatIP(16)), vectors, reset=False)
+
+
+def test_an_ivf_pq_database_is_updated_and_searched_with_rescoring(corpus, tmp_path):
+    """A database on a rescored IVF-PQ index: adding documents keeps the factor and points its
+    record at the updated embeddings; the neighbours searched through it (all refreshed) are the
+    exact full rebuild's for nearly every slot, none from the chunk's own document; the
+    database's Retriever rescores too."""
+    from diablogpt_pytorch.database import index as idx
+
+    db_dir = tmp_path / "db"
+    torch.manual_seed(0)
+    TrainingWrapper(
+        diablogpt=DIABLOGPT(**TINY), knn=K, chunk_size=C, documents_path=corpus / "A",
+        glob="*.txt", chunks_memmap_path=db_dir / "train.chunks.dat",
+        seqs_memmap_path=db_dir / "train.seq.dat", doc_ids_memmap_path=db_dir / "train.doc_ids.dat",
+        knn_extra_neighbors=8, valid_fraction=0.0, embed_dtype="float32", index="IVF4,PQ32x4np")
+    add_documents(db_dir, corpus / "B", glob="*.txt", refresh_neighbours=True)
+    db = Database.open(db_dir)
+    record = idx.index_record(db.path("index"))
+    assert record["factory"] == "IVF4,PQ32x4np" and record["rescore"] >= idx.DEFAULT_RESCORE
+    assert record["embedding_files"] == [db.path("embeddings").name]
+    got, want = _arrays(db_dir), _arrays(corpus / "db_AB")
+    assert np.array_equal(got["doc_ids"], want["doc_ids"])
+    assert not (got["doc_ids"][got["knn"]] == got["doc_ids"][:, None]).any()
+    e = want["embeddings"]
+    close = np.abs(np.einsum("nd,nkd->nk", e, e[got["knn"]]) -
+                   np.einsum("nd,nkd->nk", e, e[want["knn"]])) < 1e-4  # equal, or a tie
+    assert close.mean() >= 0.9
+    retriever = db.retriever()
+    assert isinstance(retriever.index, idx.RescoredIndex)
+    assert retriever.index.factor == record["rescore"]
+    assert retriever.index.ntotal == len(want["chunks"])

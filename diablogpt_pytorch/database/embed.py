@@ -169,7 +169,8 @@ def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_pat
                               embedder: Optional[str] = None, device: Union[str, torch.device] = "cpu",
                               dtype=None, faiss_gpu: bool = False, force_reprocess: bool = False,
                               tokenizer=None, index: str = "auto",
-                              search_params: Union[None, str, dict] = None):
+                              search_params: Union[None, str, dict] = None,
+                              rescore: Optional[int] = None):
     """Embed every chunk and index the embeddings.
 
     Embeddings (float32, L2-normalised, (num_chunks, hidden)) are streamed to
@@ -191,12 +192,16 @@ def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_pat
             ``"IVF1024_HNSW32,PQ48np"``. The index is rebuilt when what it resolves to changes.
         search_params: ``nprobe`` / ``efSearch`` (``"nprobe=64"`` or a dict) instead of the
             tuned ones: used for the build's recall record and for the returned index.
+        rescore: candidates per wanted neighbour that a search fetches and re-ranks by exact
+            inner products with the embeddings file (None: 8 for a compressed PQ / SQ index, else
+            off; 0: off). Recorded in the index's sidecar and re-applied when it is loaded.
         tokenizer: the LM tokenizer the chunks were made with (an LMTokenizer or a
             :func:`~diablogpt_pytorch.tokenizer.load_tokenizer` spec; None: the embedder's
             WordPiece). Each chunk's decoded text is embedded (``embedder.embed_chunks``).
 
     Returns:
-        (faiss index, embeddings: read-only float32 memmap (num_chunks, hidden)).
+        (faiss index (a :class:`~diablogpt_pytorch.database.index.RescoredIndex` when rescoring),
+        embeddings: read-only float32 memmap (num_chunks, hidden)).
     """
     emb_path = embeddings_path_for(chunk_memmap_path)
     index_path = Path(index_file) if index_file is not None else index_path_for(chunk_memmap_path)
@@ -209,16 +214,16 @@ def chunks_to_index_and_embed(num_chunks: int, chunk_size: int, chunk_memmap_pat
 
     index_inputs = {"kind": "index", "version": FORMAT_VERSION, "embeddings": fingerprint(emb_path),
                     **idx.build_inputs(index, num_chunks, dim, max_index_memory_usage,
-                                       current_memory_available),
+                                       current_memory_available, rescore=rescore),
                     "num_chunks": num_chunks, "chunk_size": chunk_size, **settings}
     if cached_meta([index_path], index_inputs, "faiss index", force_reprocess) is not None:
-        built = idx.read_index(index_path, search_params=search_params)
+        built = idx.read_index(index_path, search_params=search_params, embeddings=embeddings)
     else:
         meta_path(index_path).unlink(missing_ok=True)
         built = idx.build_index(embeddings, emb_path, index_path, index=index,
                                 max_index_memory_usage=max_index_memory_usage,
                                 current_memory_available=current_memory_available,
-                                search_params=search_params,
+                                search_params=search_params, rescore=rescore,
                                 meta={"inputs": index_inputs, "build": uuid.uuid4().hex})
     if faiss_gpu:
         built = idx.to_gpu(built)

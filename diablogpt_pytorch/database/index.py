@@ -17,6 +17,14 @@ a seeded sample of the vectors reaches :data:`RECALL_TARGET` (:func:`tune_search
 string, the knobs and the recall are logged and recorded under ``"index"`` in the index's sidecar,
 and :func:`read_index` applies the recorded knobs when it loads the index.
 
+A compressed index (PQ / SQ codes: what ``"auto"`` picks under a tight budget) ranks by
+approximate scores, which caps its recall whatever the knobs. Such an index is searched through
+:class:`RescoredIndex` (rescoring): it fetches ``rescore`` x k candidates and re-ranks them by the
+exact inner product with the float32 embeddings, read from their ``.npy`` file on disk (memory
+mapped: no index memory). The factor (default :data:`DEFAULT_RESCORE` for a compressed index, 0 =
+off, else ``rescore=``) is tuned with, recorded in the sidecar with the embeddings' file names and
+re-applied by :func:`read_index`.
+
 faiss and autofaiss are imported inside the functions.
 """
 
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -51,6 +60,13 @@ HNSW_M = 32
 ADD_BATCH = 16384
 #: search knob caps: doubling stops here
 MAX_EF_SEARCH = 4096
+#: candidates per wanted neighbour a compressed (PQ / SQ) index is searched for and re-ranked by
+#: exact inner products (:class:`RescoredIndex`)
+DEFAULT_RESCORE = 8
+#: embedding rows gathered per rescoring step (bounds its memory: rows x dim x 4 bytes)
+RESCORE_ROWS = 1 << 12
+#: the rescoring factor tuning raises up to
+MAX_RESCORE = 64
 PathLike = Union[str, Path]
 Vectors = Union[np.ndarray, Sequence[np.ndarray]]
 
@@ -184,12 +200,15 @@ def _largest_divisor_at_most(dim: int, limit: int) -> int:
 def build_inputs(index: str, num_vectors: int, dim: int,
                  max_index_memory_usage: Union[str, int] = "100m",
                  current_memory_available: Union[str, int] = "1G", *,
-                 exact_max_vectors: int = EXACT_MAX_VECTORS) -> dict[str, Any]:
+                 exact_max_vectors: int = EXACT_MAX_VECTORS,
+                 rescore: Optional[int] = None) -> dict[str, Any]:
     """What decides the index :func:`build_index` makes (for a cache record): the resolved
-    factory string, and for autofaiss the budgets it chooses under."""
+    factory string, for autofaiss the budgets it chooses under, and ``rescore`` when given."""
     factory = resolve_index(index, num_vectors, dim, max_index_memory_usage,
                             exact_max_vectors=exact_max_vectors)
     out: dict[str, Any] = {"index": factory}
+    if rescore is not None:
+        out["rescore"] = check_rescore(rescore)
     if factory == "autofaiss":
         out.update(max_index_memory_usage=str(max_index_memory_usage),
                    current_memory_available=str(current_memory_available))
@@ -242,6 +261,105 @@ class _Rows:
         return out
 
 
+# ----------------------------------------------------------------------------- rescoring
+
+
+class RescoredIndex:
+    """A faiss index searched with rescoring: ``search(queries, k)`` fetches ``factor * k``
+    candidates from ``index`` and re-ranks them by their exact inner product with ``vectors``
+    (the float32 rows the index holds, usually a read-only memmap of the embeddings file), read in
+    sorted-id batches of at most :data:`RESCORE_ROWS` rows. Returns (scores, ids) as faiss does,
+    the scores exact. Other attributes are the wrapped index's."""
+
+    def __init__(self, index, vectors: Vectors, factor: int):
+        self.index = index
+        self.rows = vectors if isinstance(vectors, _Rows) else _Rows(vectors)
+        self.factor = check_rescore(factor)
+        if self.factor < 1:
+            raise ValueError("RescoredIndex needs a rescoring factor >= 1")
+        if self.rows.num != index.ntotal or self.rows.dim != index.d:
+            raise ValueError(f"rescoring vectors are {self.rows.num} x {self.rows.dim} but the "
+                             f"index holds {index.ntotal} x {index.d}: pass the embeddings the "
+                             "index was built from (or rebuild it)")
+
+    def __getattr__(self, name):
+        if "index" not in self.__dict__:  # not built yet (copy, unpickling)
+            raise AttributeError(name)
+        return getattr(self.__dict__["index"], name)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        b = len(queries)
+        out_scores = np.full((b, k), -np.inf, dtype=np.float32)
+        out_ids = np.full((b, k), -1, dtype=np.int64)
+        fetch = min(int(self.index.ntotal), k * self.factor)
+        if fetch <= 0 or b == 0:
+            return out_scores, out_ids
+        _, cand = self.index.search(queries, fetch)
+        keep = min(k, fetch)
+        step = max(1, RESCORE_ROWS // fetch)
+        for a in range(0, b, step):
+            ids = np.asarray(cand[a:a + step], dtype=np.int64)
+            valid = ids >= 0
+            uniq, inverse = np.unique(np.where(valid, ids, 0).reshape(-1), return_inverse=True)
+            vecs = self.rows.take(uniq)[inverse.reshape(-1)].reshape(*ids.shape, self.rows.dim)
+            exact = np.einsum("qd,qmd->qm", queries[a:a + step], vecs)
+            exact = np.where(valid, exact, -np.inf).astype(np.float32)
+            order = np.argsort(-exact, axis=1, kind="stable")[:, :keep]
+            top = np.take_along_axis(exact, order, axis=1)
+            out_scores[a:a + step, :keep] = top
+            out_ids[a:a + step, :keep] = np.where(np.isfinite(top),
+                                                  np.take_along_axis(ids, order, axis=1), -1)
+        return out_scores, out_ids
+
+
+def unwrap(index):
+    """The faiss index itself (``index`` unless it is a :class:`RescoredIndex`)."""
+    return index.index if isinstance(index, RescoredIndex) else index
+
+
+def check_rescore(rescore) -> int:
+    """``rescore=`` -> int >= 0, or a ValueError saying what to pass."""
+    if isinstance(rescore, bool) or not isinstance(rescore, (int, np.integer)) or rescore < 0:
+        raise ValueError(f"rescore={rescore!r}: pass a whole number of candidates per wanted "
+                         f"neighbour to re-rank by exact scores (e.g. {DEFAULT_RESCORE}), or 0 "
+                         "for the index's own ranking")
+    return int(rescore)
+
+
+def is_compressed(index) -> bool:
+    """Whether ``index`` stores codes smaller than the float32 vectors (PQ, SQ...): its ranking is
+    approximate even when the search visits every vector."""
+    import faiss
+
+    index = unwrap(index)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return int(ivf.code_size) < 4 * int(ivf.d)
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage)
+    size = getattr(inner, "code_size", None)
+    return size is not None and int(size) < 4 * int(index.d)
+
+
+def rescore_factor(index, rescore: Optional[int] = None) -> int:
+    """The rescoring factor for ``index``: ``rescore`` when given, else :data:`DEFAULT_RESCORE`
+    for a compressed index and 0 for one that holds the float32 vectors."""
+    if rescore is not None:
+        return check_rescore(rescore)
+    return DEFAULT_RESCORE if is_compressed(index) else 0
+
+
+def rescored(index, vectors: Optional[Vectors], factor: int):
+    """``index`` searched with rescoring by ``factor`` against ``vectors`` (``index`` itself when
+    ``factor`` is 0)."""
+    index = unwrap(index)
+    return RescoredIndex(index, vectors, factor) if factor else index
+
+
 def _reserve(vector, nbytes_or_items: int) -> None:
     """Grow a faiss vector's capacity without keeping the size: later adds fill it in place
     instead of reallocating (which holds the old and the doubled buffer at once)."""
@@ -279,6 +397,7 @@ def apply_search_params(index, params: Union[None, str, dict]) -> None:
     params = parse_search_params(params)
     if not params:
         return
+    index = unwrap(index)
     space = faiss.GpuParameterSpace() if type(index).__name__.startswith("Gpu") and hasattr(
         faiss, "GpuParameterSpace") else faiss.ParameterSpace()
     for name, value in params.items():
@@ -295,6 +414,7 @@ def search_knobs(index) -> dict[str, int]:
     """The search knobs ``index`` has, at their current values (empty for an exact index)."""
     import faiss
 
+    index = unwrap(index)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         knobs = {"nprobe": int(ivf.nprobe)}
@@ -352,11 +472,14 @@ def _recall_queries(rows: _Rows, k: int, num_queries: int, seed: int):
 
 
 def tune_search(index, vectors: Vectors, *, k: int = 2, target: float = RECALL_TARGET,
-                num_queries: int = RECALL_QUERIES, seed: int = 0) -> tuple[dict[str, int], float]:
+                num_queries: int = RECALL_QUERIES, seed: int = 0,
+                tune_rescore: bool = True) -> tuple[dict[str, int], float]:
     """Double ``nprobe`` (IVF, with the HNSW quantizer's ``efSearch`` at least 2 nprobe) or
-    ``efSearch`` (HNSW) until recall@k (:func:`measure_recall`) reaches ``target``, the knob its
-    cap (nlist; :data:`MAX_EF_SEARCH`), or a doubling gains less than 0.005 (compressed codes
-    limit the recall: the smaller setting is kept). Leaves the knobs set on ``index``.
+    ``efSearch`` (HNSW) until recall@k (:func:`measure_recall`) reaches ``target``. When the knob
+    is at its cap (nlist; :data:`MAX_EF_SEARCH`) or a doubling gains less than 0.005 (compressed
+    codes limit the recall: the smaller setting is kept), a :class:`RescoredIndex` gets its
+    rescoring factor doubled instead (with ``tune_rescore``, up to :data:`MAX_RESCORE`, kept while
+    it gains 0.005); tuning stops when neither gains. Leaves the knobs (and factor) set on ``index``.
 
     Returns:
         (knobs, recall)
@@ -366,12 +489,12 @@ def tune_search(index, vectors: Vectors, *, k: int = 2, target: float = RECALL_T
     rows = vectors if isinstance(vectors, _Rows) else _Rows(vectors)
     knobs = search_knobs(index)
     truth = _recall_queries(rows, k, num_queries, seed)
-    if not knobs:
-        return knobs, measure_recall(index, rows, k, _truth=truth)
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = faiss.try_extract_index_ivf(unwrap(index))
     cap = int(ivf.nlist) if ivf is not None else MAX_EF_SEARCH
 
     def setting(value: int) -> dict[str, int]:
+        if not knobs:
+            return {}
         if "nprobe" in knobs:
             out = {"nprobe": value}
             if "quantizer_efSearch" in knobs:
@@ -379,21 +502,35 @@ def tune_search(index, vectors: Vectors, *, k: int = 2, target: float = RECALL_T
             return out
         return {"efSearch": value}
 
-    value = min(cap, 8) if ivf is not None else max(16, knobs["efSearch"])
-    best = None
-    while True:
-        params = setting(value)
-        apply_search_params(index, params)
+    def measure() -> float:
         recall = measure_recall(index, rows, k, _truth=truth)
-        logger.debug("recall@%d %.3f at %s", k, recall, params)
-        if recall >= target or value >= cap:
-            return params, recall
-        if best is not None and recall < best[1] + 0.005:
-            # no gain from searching more: the codes limit the recall, not the search
-            apply_search_params(index, best[0])
-            return best
-        best = (params, recall)
-        value = min(cap, value * 2)
+        logger.debug("recall@%d %.3f at %s, rescore %s", k, recall, setting(value),
+                     getattr(index, "factor", 0))
+        return recall
+
+    value = 0 if not knobs else min(cap, 8) if ivf is not None else max(16, knobs["efSearch"])
+    apply_search_params(index, setting(value))
+    recall = measure()
+    rescoring = tune_rescore and isinstance(index, RescoredIndex)
+    while recall < target:
+        if knobs and value < cap:
+            old, value = value, min(cap, value * 2)
+            apply_search_params(index, setting(value))
+            gained = measure()
+            if gained >= recall + 0.005 or value >= cap and gained >= recall:
+                recall = gained
+                continue
+            value = old  # no gain from searching more: the codes limit the recall
+            apply_search_params(index, setting(value))
+        if not rescoring or index.factor >= MAX_RESCORE:
+            break
+        old_factor, index.factor = index.factor, min(MAX_RESCORE, 2 * index.factor)
+        gained = measure()
+        if gained < recall + 0.005:
+            index.factor = old_factor
+            break
+        recall = gained
+    return setting(value), recall
 
 
 # ----------------------------------------------------------------------------- building
@@ -404,7 +541,8 @@ def build_index(embeddings: Vectors, embeddings_path: Optional[PathLike], index_
                 current_memory_available: Union[str, int] = "1G", exact: Optional[bool] = None,
                 search_params: Union[None, str, dict] = None, meta: Optional[dict] = None,
                 exact_max_vectors: int = EXACT_MAX_VECTORS, recall_queries: int = RECALL_QUERIES,
-                seed: int = 0):
+                seed: int = 0, rescore: Optional[int] = None,
+                embedding_files: Optional[Sequence[PathLike]] = None):
     """Build the index of ``embeddings``, save it atomically at ``index_path`` with its sidecar.
 
     Args:
@@ -423,9 +561,17 @@ def build_index(embeddings: Vectors, embeddings_path: Optional[PathLike], index_
             factory string, knobs, recall@2 and its sample size, size and timings.
         exact_max_vectors: ``"auto"`` builds an approximate index above this many vectors.
         recall_queries, seed: the recall sample; ``seed`` also draws the training sample.
+        rescore: candidates per wanted neighbour re-ranked by exact inner products with the
+            embeddings (:class:`RescoredIndex`); None: :data:`DEFAULT_RESCORE` for a compressed
+            (PQ / SQ) index, raised by the tuning while the recall is short of the target, and 0
+            (off) otherwise. The knobs are tuned and the recall measured with it.
+        embedding_files: the ``.npy`` files holding ``embeddings`` in order (default
+            ``embeddings_path`` when it is a file), recorded (relative to the index's folder) so
+            that :func:`read_index` can rescore.
 
     Returns:
-        the faiss index (CPU), its search knobs set.
+        the faiss index (CPU), its search knobs set; a :class:`RescoredIndex` around it when
+        rescoring.
     """
     import faiss
 
@@ -449,24 +595,37 @@ def build_index(embeddings: Vectors, embeddings_path: Optional[PathLike], index_
         raise RuntimeError(f"the index built from {embeddings_path} holds {built.ntotal} vectors, "
                            f"expected {num}: a shard is missing or stale; rebuild (REPROCESS=1)")
     info["build_seconds"] = round(time.perf_counter() - start, 3)
-    if search_knobs(built) or factory == "autofaiss":
+    factor = rescore_factor(built, rescore)
+    searcher = rescored(built, rows, factor)
+    info["rescore"] = factor
+    if factor:
+        files = list(embedding_files) if embedding_files is not None else (
+            [embeddings_path] if embeddings_path is not None and Path(embeddings_path).is_file()
+            else [])
+        info["embedding_files"] = [os.path.relpath(Path(f).resolve(), index_path.parent.resolve())
+                                   for f in files]
+    if search_knobs(built) or factory == "autofaiss" or factor:
         start = time.perf_counter()
         if search_params is not None:
             apply_search_params(built, search_params)
             knobs = search_knobs(built)
-            recall = measure_recall(built, rows, 2, recall_queries, seed)
+            recall = measure_recall(searcher, rows, 2, recall_queries, seed)
         else:
-            knobs, recall = tune_search(built, rows, num_queries=recall_queries, seed=seed)
+            knobs, recall = tune_search(searcher, rows, num_queries=recall_queries, seed=seed,
+                                        tune_rescore=rescore is None)
+            info["rescore"] = getattr(searcher, "factor", 0)
         info.update(search_params=knobs, recall_at_2=round(recall, 4),
                     recall_queries=min(recall_queries, num),
                     tune_seconds=round(time.perf_counter() - start, 3))
         level = logging.WARNING if recall < RECALL_TARGET else logging.INFO
         logger.log(level, "index %s over %d x %d vectors: recall@2 %.3f against exact search on "
-                   "%d sampled vectors at %s%s", factory, num, dim, recall, info["recall_queries"],
-                   knobs or "its defaults", "" if recall >= RECALL_TARGET else (
+                   "%d sampled vectors at %s%s%s", factory, num, dim, recall,
+                   info["recall_queries"], knobs or "its defaults",
+                   f", rescoring {factor} candidates per neighbour" if factor else "",
+                   "" if recall >= RECALL_TARGET else (
                        f", below {RECALL_TARGET}: raise max_index_memory_usage (more PQ bytes), "
-                       "pass index='HNSW32' or a larger PQ, or search_params with a higher "
-                       "nprobe/efSearch"))
+                       "pass index='HNSW32' or a larger PQ, a higher rescore=, or search_params "
+                       "with a higher nprobe/efSearch"))
     else:
         info.update(search_params={}, recall_at_2=1.0, recall_queries=0)
         logger.info("index %s (exact) over %d x %d vectors", factory, num, dim)
@@ -474,7 +633,7 @@ def build_index(embeddings: Vectors, embeddings_path: Optional[PathLike], index_
         faiss.write_index(built, str(tmp))
     info["bytes"] = index_path.stat().st_size
     write_meta(index_path, {**(meta or {}), "index": info})
-    return built
+    return searcher
 
 
 def _faiss_index(rows: _Rows, factory: str, info: dict, seed: int):
@@ -595,16 +754,49 @@ def index_record(index_path: PathLike) -> dict[str, Any]:
 
 
 def read_index(index_path: PathLike, faiss_gpu: bool = False,
-               search_params: Union[None, str, dict] = None):
-    """Load a saved index with the search knobs its build recorded (``search_params`` overrides
-    them); with ``faiss_gpu`` move it to all visible GPUs (faiss-gpu needed)."""
+               search_params: Union[None, str, dict] = None, *, rescore: Optional[int] = None,
+               embeddings: Optional[Vectors] = None):
+    """Load a saved index with the search knobs and rescoring factor its build recorded
+    (``search_params`` / ``rescore`` override them; ``rescore=0``: the plain faiss index); with
+    ``faiss_gpu`` move it to all visible GPUs (faiss-gpu needed). Rescoring reads ``embeddings``
+    (default: the embedding files the record names, memory-mapped) and returns a
+    :class:`RescoredIndex`."""
     import faiss
 
+    index_path = Path(index_path)
+    record = index_record(index_path)
+    factor = int(record.get("rescore", 0)) if rescore is None else check_rescore(rescore)
     index = faiss.read_index(str(index_path))
-    params = {**index_record(index_path).get("search_params", {}),
-              **parse_search_params(search_params)}
+    params = {**record.get("search_params", {}), **parse_search_params(search_params)}
     apply_search_params(index, params)
-    return to_gpu(index) if faiss_gpu else index
+    if faiss_gpu:
+        index = to_gpu(index)
+    if not factor:
+        return index
+    if embeddings is None:
+        embeddings = recorded_embeddings(index_path, record)
+    return RescoredIndex(index, embeddings, factor)
+
+
+def recorded_embeddings(index_path: Path, record: Optional[dict] = None) -> list[np.ndarray]:
+    """The float32 embeddings an index was built from, memory-mapped from the files its record
+    names (relative to the index's folder)."""
+    record = index_record(index_path) if record is None else record
+    names = record.get("embedding_files")
+    if not names:
+        raise FileNotFoundError(
+            f"{index_path} is searched with rescoring but its build record names no embeddings "
+            "file: pass embeddings= (the float32 vectors it indexes) or rescore=0")
+    out = []
+    for name in names:
+        path = Path(index_path).parent / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}, the embeddings {index_path} rescores its candidates with, is missing: "
+                "restore it beside the index (or rebuild the database), or pass rescore=0 to "
+                "search without rescoring")
+        out.append(np.load(path, mmap_mode="r"))
+    return out
 
 
 def to_gpu(index):
@@ -616,9 +808,9 @@ def to_gpu(index):
             "faiss_gpu=True but this faiss has no GPU support or sees no GPU: install faiss-gpu "
             "or pass faiss_gpu=False")
     knobs = search_knobs(index)
-    gpu = faiss.index_cpu_to_all_gpus(index)
+    gpu = faiss.index_cpu_to_all_gpus(unwrap(index))
     apply_search_params(gpu, knobs)  # set again on the copy
-    return gpu
+    return RescoredIndex(gpu, index.rows, index.factor) if isinstance(index, RescoredIndex) else gpu
 
 
 def rank_candidates(cand_ids: np.ndarray, cand_scores: np.ndarray, k: int, *,
@@ -701,7 +893,8 @@ def search_excluding(index, queries: np.ndarray, k: int, *, num_extra: int = 10,
     up to ``min(max_k, index.ntotal)``. What still is missing is -1 (score -inf).
 
     Args:
-        index: faiss index over normalised vectors (inner product).
+        index: faiss index over normalised vectors (inner product), or a :class:`RescoredIndex`
+            (the exclusions apply to its re-ranked candidates).
         queries: float32 (b, d) normalised query vectors.
         self_ids: int (b,) the queries' own chunk ids (excluded by id).
         query_doc_ids: int (b,) the queries' documents (their chunks are excluded).

@@ -129,7 +129,8 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
                                  seqs_memmap_path: Optional[PathLike] = None,
                                  num_seqs: Optional[int] = None, seq_len: Optional[int] = None,
                                  tokenizer=None, index: str = "auto",
-                                 search_params: Union[None, str, dict] = None):
+                                 search_params: Union[None, str, dict] = None,
+                                 rescore: Optional[int] = None):
     """Precompute each chunk's K nearest neighbours from OTHER documents.
 
     Builds (or reuses) embeddings and index with :func:`chunks_to_index_and_embed`, then searches
@@ -144,9 +145,10 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
     :func:`sequence_documents`): the paper's rule, so that no neighbour shows a sequence its own
     text. ``TrainingWrapper`` always passes them.
 
-    ``index`` / ``search_params``: which faiss index, and its search knobs (see
-    :func:`chunks_to_index_and_embed`); with an approximate index the neighbours are approximate
-    (recall@2 against exact search is recorded in the index's sidecar).
+    ``index`` / ``search_params`` / ``rescore``: which faiss index, its search knobs and its
+    rescoring factor (see :func:`chunks_to_index_and_embed`); with an approximate index the
+    neighbours are approximate (recall@2 against exact search is recorded in the index's
+    sidecar); exclusions apply to the rescored candidates.
 
     Writes ``<dir>/<stem>.knn<suffix>`` (``train.chunks.dat`` -> ``train.chunks.knn.dat``),
     int32 (num_chunks, num_nearest_neighbors), nearest first.
@@ -166,7 +168,7 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
         index_file=index_file, max_index_memory_usage=max_index_memory_usage,
         current_memory_available=current_memory_available, embedder=embedder, device=device,
         dtype=dtype, faiss_gpu=faiss_gpu, force_reprocess=force_reprocess, tokenizer=tokenizer,
-        index=index, search_params=search_params)
+        index=index, search_params=search_params, rescore=rescore)
     index_path = Path(index_file) if index_file is not None else index_path_for(chunk_memmap_path)
     knn_path = knn_path_for(chunk_memmap_path)
     inputs = knn_inputs(index_path, doc_ids_memmap_path, num_chunks, num_nearest_neighbors,
@@ -231,14 +233,15 @@ def query_chunks_to_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size
                          batch_size: int = 128, device: Union[str, torch.device] = "cpu",
                          embedder: Optional[str] = None, faiss_gpu: bool = False,
                          force_reprocess: bool = False, tokenizer=None,
-                         search_params: Union[None, str, dict] = None) -> Path:
+                         search_params: Union[None, str, dict] = None,
+                         rescore: Optional[int] = None) -> Path:
     """Neighbours in an existing database for chunks of OTHER documents (e.g. a held-out split).
 
     The query chunks (``chunk_memmap_path``, same layout as the database's) are embedded in
     batches exactly as the database was (embedder, pooling and precision are read from the
     index's sidecar; ``tokenizer``, the LM tokenizer of both, must be the one recorded there) and
-    searched (with the search knobs recorded at the index's build, or ``search_params``); no
-    exclusion is applied. Writes ``knn_path`` (default
+    searched (with the search knobs and rescoring factor recorded at the index's build, or
+    ``search_params`` / ``rescore``); no exclusion is applied. Writes ``knn_path`` (default
     ``<dir>/<stem>.knn<suffix>`` of the query chunks), int32 (num_chunks, K), ids into the
     database chunks.
 
@@ -261,10 +264,13 @@ def query_chunks_to_knn_(num_nearest_neighbors: int, num_chunks: int, chunk_size
               "num_nearest_neighbors": num_nearest_neighbors}
     if search_params is not None:
         inputs["search_params"] = idx.parse_search_params(search_params)
+    if rescore is not None:
+        inputs["rescore"] = idx.check_rescore(rescore)
     if cached_meta([knn_path], inputs, "query knn", force_reprocess) is not None:
         return knn_path
     meta_path(knn_path).unlink(missing_ok=True)
-    index = idx.read_index(index_path, faiss_gpu=faiss_gpu, search_params=search_params)
+    index = idx.read_index(index_path, faiss_gpu=faiss_gpu, search_params=search_params,
+                           rescore=rescore)
     with atomic_path(knn_path) as tmp:
         knn = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(num_chunks, num_nearest_neighbors))
         for start in tqdm(range(0, num_chunks, batch_size), desc="query search", unit="batch"):

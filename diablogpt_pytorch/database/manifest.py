@@ -65,9 +65,10 @@ def _entry(path: Path, root: Path, what: str) -> dict[str, Any]:
     entry = {"path": shown, "what": DESCRIPTIONS[what], "bytes": path.stat().st_size,
              "build": meta.get("build")}
     if what == "index" and meta.get("index"):
-        # the faiss factory string, search knobs and measured recall@2 (index.build_index)
+        # the faiss factory string, search knobs, rescoring factor and measured recall@2
+        # (index.build_index)
         entry["faiss"] = {k: meta["index"].get(k) for k in
-                          ("factory", "search_params", "recall_at_2", "recall_queries")}
+                          ("factory", "search_params", "rescore", "recall_at_2", "recall_queries")}
     return entry
 
 

@@ -32,13 +32,16 @@ class Retriever:
             Query chunks are embedded from their decoded text exactly as the database was.
         search_params: ``nprobe`` / ``efSearch`` of an approximate index (``"efSearch=128"`` or a
             dict); default: the ones its build tuned and recorded in the index's sidecar.
+        rescore: candidates per wanted neighbour re-ranked by exact inner products with the
+            database's embeddings file (0: off); default: the factor its build recorded (on for a
+            compressed PQ / SQ index).
     """
 
     def __init__(self, chunk_memmap_path: PathLike, doc_ids_memmap_path: Optional[PathLike] = None,
                  index_file: Optional[PathLike] = None, *, embedder: Optional[str] = None,
                  device: Union[str, torch.device] = "cpu", faiss_gpu: bool = False,
                  num_extra_neighbors: int = 10, max_search_k: int = 4096, tokenizer=None,
-                 search_params: Union[None, str, dict] = None):
+                 search_params: Union[None, str, dict] = None, rescore: Optional[int] = None):
         self.index_path = Path(index_file) if index_file else index_path_for(chunk_memmap_path)
         settings = index_settings(self.index_path)
         self.embedder = query_embedder(settings, embedder, self.index_path)
@@ -54,7 +57,8 @@ class Retriever:
         self.doc_ids = (None if doc_ids_memmap_path is None
                         else open_doc_ids(doc_ids_memmap_path, self.num_chunks))
         self.pad_id, self.eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
-        self.index = idx.read_index(self.index_path, faiss_gpu=faiss_gpu, search_params=search_params)
+        self.index = idx.read_index(self.index_path, faiss_gpu=faiss_gpu, search_params=search_params,
+                                    rescore=rescore)
         if self.index.ntotal != self.num_chunks:
             raise ValueError(f"{self.index_path} holds {self.index.ntotal} vectors but "
                              f"{chunk_memmap_path} has {self.num_chunks} chunks: rebuild the index")

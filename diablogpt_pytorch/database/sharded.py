@@ -139,7 +139,8 @@ def reusable_knn(
         force_reprocess: bool = False, seqs_memmap_path: Optional[PathLike] = None,
         num_seqs: Optional[int] = None, seq_len: Optional[int] = None, tokenizer=None,
         chunks_to_embeddings_batch_size: int = 256, knn_batch_size: int = 4096,
-        embed_dim: Optional[int] = None, index: str = "auto") -> Optional[tuple[Path, Path]]:
+        embed_dim: Optional[int] = None, index: str = "auto",
+        rescore: Optional[int] = None) -> Optional[tuple[Path, Path]]:
     """(knn_path, index_path) when the knn file, its index and the embeddings the index was built
     from are on disk and current for these chunks and arguments, whichever build made them (one
     process: ``<stem>.emb.npy``; ranks: the shards); else None. Builds nothing: it lets a
@@ -164,7 +165,8 @@ def reusable_knn(
         wanted = {"num_chunks": num_chunks, "chunk_size": chunk_size,
                   **embedding_settings(embedder, use_cls_repr, dtype, device, lm),
                   **idx.build_inputs(index, num_chunks, emb.hidden_size(embedder),
-                                     max_index_memory_usage, current_memory_available)}
+                                     max_index_memory_usage, current_memory_available,
+                                     rescore=rescore)}
         if any(not _same(built.get(k), v) for k, v in wanted.items()):
             return None
         if "embeddings" in built:
@@ -198,7 +200,8 @@ def sharded_chunks_to_precalculated_knn_(
         max_search_k: int = 4096, embedder: Optional[str] = None,
         device: Union[str, torch.device] = "cpu", dtype=None, force_reprocess: bool = False,
         seqs_memmap_path: Optional[PathLike] = None, num_seqs: Optional[int] = None,
-        seq_len: Optional[int] = None, tokenizer=None, index: str = "auto") -> tuple[Path, Path]:
+        seq_len: Optional[int] = None, tokenizer=None, index: str = "auto",
+        rescore: Optional[int] = None) -> tuple[Path, Path]:
     """Embeddings, index and the knn file of a chunk database, split across all ranks.
 
     Arguments as :func:`~diablogpt_pytorch.database.knn.chunks_to_precalculated_knn_` (``device`` is
@@ -242,7 +245,7 @@ def sharded_chunks_to_precalculated_knn_(
                 current_memory_available=current_memory_available, max_search_k=max_search_k,
                 embedder=embedder, device=device, dtype=dtype, force_reprocess=force_reprocess,
                 seqs_memmap_path=seqs_memmap_path, num_seqs=num_seqs, seq_len=seq_len,
-                tokenizer=tokenizer, index=index)
+                tokenizer=tokenizer, index=index, rescore=rescore)
     if D.broadcast_object(reused is not None, what="sharing the reuse decision"):
         return knn_path, index_path
 
@@ -278,7 +281,7 @@ def sharded_chunks_to_precalculated_knn_(
             index_inputs = {"kind": "index", "version": FORMAT_VERSION,
                             "embedding_shards": [fingerprint(p) for p in shard_paths],
                             **idx.build_inputs(index, num_chunks, dim, max_index_memory_usage,
-                                               current_memory_available),
+                                               current_memory_available, rescore=rescore),
                             "chunk_memmap_path": str(chunk_memmap_path.resolve()),
                             "num_chunks": num_chunks, "chunk_size": chunk_size, **settings}
             if cached_meta([index_path], index_inputs, "faiss index", force_reprocess) is None:
@@ -286,7 +289,7 @@ def sharded_chunks_to_precalculated_knn_(
                 _build_index_from_shards(shard_paths, shard_dir, index_path, num_chunks, dim,
                                          index=index, max_index_memory_usage=max_index_memory_usage,
                                          current_memory_available=current_memory_available,
-                                         meta={"inputs": index_inputs, "build": uuid.uuid4().hex})
+                                         rescore=rescore, meta={"inputs": index_inputs, "build": uuid.uuid4().hex})
             knn_plan = knn_inputs(index_path, doc_ids_memmap_path, num_chunks, K,
                                       num_extra_neighbors, max_search_k,
                                       seqs_memmap_path=seqs_memmap_path, seq_len=seq_len)
@@ -339,7 +342,7 @@ def sharded_chunks_to_precalculated_knn_(
 def _build_index_from_shards(shard_paths: list[Path], shard_dir: Path, index_path: Path,
                              num_chunks: int, dim: int, *, index: str = "auto",
                              max_index_memory_usage="100m", current_memory_available="1G",
-                             meta: Optional[dict] = None):
+                             meta: Optional[dict] = None, rescore: Optional[int] = None):
     """The index over the shards in rank order: :func:`diablogpt_pytorch.database.index.build_index` reads
     them as one array (the same index, knobs and record as a single-process build of the same
     vectors, byte-identical with one faiss thread; autofaiss reads the folder of shards)."""
@@ -352,7 +355,8 @@ def _build_index_from_shards(shard_paths: list[Path], shard_dir: Path, index_pat
                 len(shard_paths), shard_dir)
     return idx.build_index(shards, shard_dir, index_path, index=index,
                            max_index_memory_usage=max_index_memory_usage,
-                           current_memory_available=current_memory_available, meta=meta)
+                           current_memory_available=current_memory_available, meta=meta,
+                           rescore=rescore, embedding_files=shard_paths)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -380,6 +384,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--current-memory-available", default="1G")
     parser.add_argument("--index", default="auto", help="'auto', 'exact', 'autofaiss' or a faiss "
                         "index factory string (e.g. HNSW32, IVF1024_HNSW32,PQ48np)")
+    parser.add_argument("--rescore", type=int, default=None, help="candidates per neighbour "
+                        "re-ranked by exact scores (default: 8 for a PQ/SQ index, else 0 = off)")
     parser.add_argument("--embedder", default=None)
     parser.add_argument("--tokenizer", default=None, help="LM tokenizer spec (default: the "
                         "embedder's WordPiece; 'train': a BPE trained on the documents)")
@@ -406,7 +412,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         max_index_memory_usage=args.max_index_memory_usage,
         current_memory_available=args.current_memory_available, embedder=args.embedder,
         device=args.device or info.device, seqs_memmap_path=paths["seq"],
-        num_seqs=stats["seqs"], seq_len=args.seq_len, tokenizer=args.tokenizer, index=args.index)
+        num_seqs=stats["seqs"], seq_len=args.seq_len, tokenizer=args.tokenizer, index=args.index,
+        rescore=args.rescore)
     if info.is_main:
         logger.info("%d chunks from %d documents on %d rank(s): index %s, neighbours %s",
                     stats["chunks"], stats["docs"], info.world_size, index_path, knn_path)

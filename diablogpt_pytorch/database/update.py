@@ -269,7 +269,12 @@ class _Update:
 
         n = stats["chunks"]
         derived("embeddings", {"chunks": fp(s.paths["chunks"]), "num_chunks": n})
-        derived("index", {"embeddings": fp(s.paths["embeddings"]), "num_chunks": n})
+        record_index = dict(s.meta["index"].get("index") or {})
+        if record_index.get("rescore"):  # rescored against the embeddings installed above
+            record_index["embedding_files"] = [os.path.relpath(
+                s.paths["embeddings"].resolve(), s.paths["index"].parent.resolve())]
+        derived("index", {"embeddings": fp(s.paths["embeddings"]), "num_chunks": n},
+                {"index": record_index} if record_index else None)
         sequences = s.knn_inputs.get("sequences")
         if sequences is not None:
             sequences = dict(sequences, seqs=fp(s.paths["seqs"]))
@@ -433,9 +438,10 @@ def add_documents(database: Union[PathLike, Database], documents, *, glob: str =
         embeddings.flush()
 
         # --- index: the new vectors added
-        index = _index_for(s.paths["index"], idx.read_index(s.paths["index"]), embeddings[N:],
-                           reset=False)
+        index = _index_for(s.paths["index"], idx.read_index(s.paths["index"], rescore=0),
+                           embeddings[N:], reset=False)
         _write_index(index, update.tmp("index", s.paths["index"]))
+        index = _rescored(s, index, embeddings)
 
         # --- neighbours: the new chunks' (every chunk's with refresh_neighbours)
         knn = np.memmap(update.tmp("knn", s.paths["knn"]), dtype=np.int32, mode="w+",
@@ -477,6 +483,12 @@ def _valid_k(s: _State) -> int:
     if k is None:
         k = s.valid["knn"].stat().st_size // (4 * max(s.num_valid, 1))
     return int(k)
+
+
+def _rescored(s: _State, index, embeddings: np.ndarray):
+    """The updated index searched as its build recorded: with rescoring against the updated
+    embeddings when the record has a factor."""
+    return idx.rescored(index, embeddings, int(idx.index_record(s.paths["index"]).get("rescore", 0)))
 
 
 def _write_index(index, path: Path) -> None:
@@ -567,9 +579,10 @@ def remove_documents(database: Union[PathLike, Database], documents: Iterable[Un
         for start in range(0, total, 65536):
             embeddings[start:start + 65536] = old_emb[kept[start:start + 65536]]
         embeddings.flush()
-        index = _index_for(s.paths["index"], idx.read_index(s.paths["index"]), embeddings,
-                           reset=True)
+        index = _index_for(s.paths["index"], idx.read_index(s.paths["index"], rescore=0),
+                           embeddings, reset=True)
         _write_index(index, update.tmp("index", s.paths["index"]))
+        index = _rescored(s, index, embeddings)
 
         # neighbours: renumber, and search again where a neighbour is gone or the exclusions moved
         old_knn = np.fromfile(s.paths["knn"], dtype=np.int32).reshape(N, s.K)[kept].astype(np.int64)
