@@ -91,7 +91,9 @@ class BuildSettings:
 
     ``tokenizer`` is the loaded LM tokenizer; ``embed_device`` the embedder's device;
     ``embed_batch_size`` chunks embedded per step; ``index_batch_size`` queries per faiss search;
-    ``index`` the faiss index (``index.build_index``'s ``index=``).
+    ``index`` the faiss index (``index.build_index``'s ``index=``); ``rescore`` its float32
+    rescoring factor (``None``: on for compressed indexes, 0: off; ``index.build_index``'s
+    ``rescore=``).
     """
 
     chunk_size: int
@@ -109,6 +111,7 @@ class BuildSettings:
     index_batch_size: int = 4096
     embed_dtype: Optional[str] = None
     index: str = "auto"
+    rescore: Optional[int] = None
 
 
 def build_split_files(settings: BuildSettings, documents: list[Path], paths: dict[str, Path], *,
@@ -180,6 +183,7 @@ def build_split_files(settings: BuildSettings, documents: list[Path], paths: dic
             max_index_memory_usage=s.max_index_memory_usage,
             current_memory_available=s.current_memory_available,
             index=s.index,
+            rescore=s.rescore,
             knn_batch_size=s.index_batch_size,
             embedder=s.embedder,
             device=s.embed_device,

@@ -79,6 +79,9 @@ DATABASE = {
     "current_memory_available": Field("1G", "str", "memory for building a compressed index"),
     "index": Field("auto", "str", "faiss index: auto (exact when it fits the budget), exact, "
                    "autofaiss, or a faiss factory string such as HNSW32 or IVF1024_HNSW32,PQ48np"),
+    "rescore": Field(None, "int", "float32 rescoring of a compressed (PQ/SQ) index: candidates "
+                     "per neighbour re-ranked with the embeddings (default: on for compressed "
+                     "indexes, tuned; 0: off)"),
     "embedder": Field(None, "str", "embedder/tokenizer name or folder (default: the offline one)"),
     "embed_device": Field(None, "str", "where the embedder runs (default: the training device)"),
     "embed_batch_size": Field(128, "int", "chunks embedded per step"),
@@ -435,7 +438,7 @@ def _wrapper(cfg: dict[str, Any], model, device, train: bool = True):
             max_seqs=db["max_seqs"], knn_extra_neighbors=db["knn_extra_neighbors"],
             max_index_memory_usage=db["max_index_memory_usage"],
             current_memory_available=db["current_memory_available"], index=db["index"],
-            valid_fraction=db["valid_fraction"], embedder=db["embedder"], device=device,
+            rescore=db["rescore"], valid_fraction=db["valid_fraction"], embedder=db["embedder"], device=device,
             embed_device=db["embed_device"], bf16=bool(cfg.get("train", {}).get("bf16")),
             embed_batch_size=db["embed_batch_size"], index_batch_size=db["index_batch_size"],
             embed_dtype=db["embed_dtype"], tokenizer=db["tokenizer"],

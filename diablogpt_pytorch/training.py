@@ -58,6 +58,9 @@ class TrainingWrapper:
         max_index_memory_usage, current_memory_available: faiss index budget (autofaiss style).
         index: the faiss index: ``"auto"`` (exact when it fits the budget, else approximate),
             ``"exact"``, ``"autofaiss"`` or a faiss factory string (see ``index.build_index``).
+        rescore: float32 rescoring of a compressed (PQ/SQ) index's candidates: ``None`` (default)
+            on for compressed indexes with a tuned factor, 0 off, n: n x K candidates re-ranked
+            with the embeddings (see ``index.build_index``).
 
     Extras:
         valid_fraction: share of documents held out for ``evaluate`` (0 disables; default 0.1).
@@ -118,6 +121,7 @@ class TrainingWrapper:
         tokenizer: Any = None,
         tokenizer_vocab_size: Optional[int] = None,
         index: str = "auto",
+        rescore: Optional[int] = None,
     ):
         from diablogpt_pytorch.database import embedder as emb
         from diablogpt_pytorch import tokenizer as lm_tokenizer
@@ -133,6 +137,7 @@ class TrainingWrapper:
         self.max_index_memory_usage = max_index_memory_usage
         self.current_memory_available = current_memory_available
         self.index_spec = index
+        self.rescore = rescore
         self.valid_fraction = float(valid_fraction)
         self.embedder = emb.resolve_embedder(embedder)
         self.device = torch.device(device) if device is not None else next(diablogpt.parameters()).device
@@ -180,7 +185,7 @@ class TrainingWrapper:
             current_memory_available=self.current_memory_available,
             embed_device=self.embed_device, embed_batch_size=self.embed_batch_size,
             index_batch_size=self.index_batch_size, embed_dtype=self.embed_dtype,
-            index=self.index_spec)
+            index=self.index_spec, rescore=self.rescore)
         # the training split: every rank takes part (under torchrun each embeds and searches its
         # share); the held-out split: rank 0 builds or validates it (the others wait); then every
         # rank opens the files

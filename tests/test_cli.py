@@ -275,6 +275,9 @@ def test_config_file_and_flag_precedence(tmp_path):
     cfg = resolve(parse(["train", "--dec-cross-attn-layers", "1,2"]))
     assert cfg["model"]["dec_cross_attn_layers"] == [1, 2] and cfg["train"]["steps"] == 150
     assert (cfg["database"]["tokenizer"], cfg["database"]["tokenizer_vocab_size"]) == ("train", 4096)
+    assert cfg["database"]["index"] == "auto" and cfg["database"]["rescore"] is None
+    cfg = resolve(parse(["build-db", "--index", "IVF4,PQ8np", "--rescore", "0"]))
+    assert (cfg["database"]["index"], cfg["database"]["rescore"]) == ("IVF4,PQ8np", 0)
     cfg = resolve(parse(["train", "--tokenizer", "bert", "--vocab-size", "512"]))
     assert (cfg["database"]["tokenizer"], cfg["database"]["tokenizer_vocab_size"]) == ("bert", 512)
     # one file serves every command: eval reads of [database] only the folder

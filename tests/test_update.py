@@ -286,3 +286,26 @@ def test_an_ivf_pq_database_is_updated_and_searched_with_rescoring(corpus, tmp_p
     assert isinstance(retriever.index, idx.RescoredIndex)
     assert retriever.index.factor == record["rescore"]
     assert retriever.index.ntotal == len(want["chunks"])
+
+
+@pytest.mark.parametrize("rescore", [0, 3])
+def test_training_wrapper_passes_rescore_to_the_index(corpus, tmp_path, rescore):
+    """TrainingWrapper(rescore=) reaches the index build: the factor given (0: the plain
+    compressed search) is the one recorded and the one the database's Retriever applies."""
+    from diablogpt_pytorch.database import index as idx
+
+    db_dir = tmp_path / "db"
+    torch.manual_seed(0)
+    TrainingWrapper(
+        diablogpt=DIABLOGPT(**TINY), knn=K, chunk_size=C, documents_path=corpus / "A",
+        glob="*.txt", chunks_memmap_path=db_dir / "train.chunks.dat",
+        seqs_memmap_path=db_dir / "train.seq.dat", doc_ids_memmap_path=db_dir / "train.doc_ids.dat",
+        knn_extra_neighbors=8, valid_fraction=0.0, embed_dtype="float32",
+        index="IVF4,PQ32x4np", rescore=rescore)
+    db = Database.open(db_dir)
+    assert idx.index_record(db.path("index"))["rescore"] == rescore
+    retriever = db.retriever()
+    if rescore:
+        assert isinstance(retriever.index, idx.RescoredIndex) and retriever.index.factor == rescore
+    else:
+        assert not isinstance(retriever.index, idx.RescoredIndex)
