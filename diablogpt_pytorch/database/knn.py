@@ -123,13 +123,14 @@ def _sample_exclusions(query_ids: np.ndarray, doc_ids: np.ndarray,
 def neighbour_recall(index, embeddings, doc_ids: np.ndarray, k: int, *,
                      num_extra_neighbors: int = 10, max_search_k: int = 4096,
                      seq_starts: Optional[np.ndarray] = None, chunks_per_seq: Optional[int] = None,
-                     num_queries: int = idx.RECALL_QUERIES, seed: int = 0, batch: int = 4096):
+                     num_queries: int = idx.RECALL_QUERIES, seed: int = 0, batch: int = 1024):
     """A function ``index -> recall`` of the neighbour search itself: on ``num_queries`` chunks
     drawn (seeded) from the database, the share of the exact neighbours (the ``k`` nearest chunks
     left after the exclusions of :func:`search_neighbours`: the chunk, its document, its training
     sequences' documents) that :func:`search_neighbours`'s search returns (at least as close as
     the exact k-th; ties count as found). The exact side is computed once, by brute force over
-    ``embeddings`` (one (N, d) array or a list of shard arrays) in blocks of ``batch`` rows."""
+    ``embeddings`` (one (N, d) array or a list of shard arrays) in blocks of ``batch`` rows
+    (memory: a few ``num_queries`` x ``batch`` arrays, whatever N)."""
     rows = embeddings if isinstance(embeddings, idx._Rows) else idx._Rows(embeddings)
     rng = np.random.default_rng(seed)
     qids = np.sort(rng.choice(rows.num, min(num_queries, rows.num), replace=False))
