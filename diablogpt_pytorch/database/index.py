@@ -110,8 +110,8 @@ def ivf_nlist(num_vectors: int) -> int:
 
 def index_bytes(factory: str, num_vectors: int, dim: int) -> int:
     """Estimated size of a ``Flat``, ``HNSW{M}``, ``IVF{n}_HNSW{M},Flat``,
-    ``IVF{n}_HNSW{M},SQ{8,4,fp16}`` or ``IVF{n}_HNSW{M},PQ{m}[np]`` index of ``num_vectors`` x ``dim`` (faiss's serialized size;
-    tests check the estimate against it)."""
+    ``IVF{n}_HNSW{M},SQ{8,4,fp16}`` or ``IVF{n}_HNSW{M},PQ{m}[np]`` index of ``num_vectors`` x
+    ``dim`` (faiss's serialized size; tests check the estimate against it)."""
     n = num_vectors
     if factory == "Flat":
         return flat_index_bytes(n, dim)
@@ -527,7 +527,8 @@ def tune_search(index, vectors: Vectors, *, k: int = 2, target: float = RECALL_T
         return {"efSearch": value}
 
     def measure() -> float:
-        got = measure_recall(index, rows, k, _truth=truth) if recall_fn is None else recall_fn(index)
+        got = (measure_recall(index, rows, k, _truth=truth) if recall_fn is None
+               else recall_fn(index))
         logger.debug("recall@%d %.3f at %s, rescore %s", k, got, setting(value),
                      getattr(index, "factor", 0))
         return got

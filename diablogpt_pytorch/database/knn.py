@@ -6,8 +6,8 @@
   (:mod:`.update`): :func:`knn_inputs`, :func:`tune_neighbour_search` (the knobs for the
   neighbour search's own recall, with its exclusions), :func:`search_neighbours` (one batch of
   queries: search, exclusions, ranking) and its loop :func:`search_neighbours_range_`,
-  :func:`record_knn_` (the knn file's sidecar); :func:`index_settings`, :func:`query_embedder`, :func:`query_tokenizer` (how
-  queries must be embedded to match an index).
+  :func:`record_knn_` (the knn file's sidecar); :func:`index_settings`, :func:`query_embedder`,
+  :func:`query_tokenizer` (how queries must be embedded to match an index).
 """
 from __future__ import annotations
 
@@ -189,9 +189,10 @@ def tune_neighbour_search(index, embeddings, doc_ids: np.ndarray, k: int, *,
     if not idx.search_knobs(index) and not isinstance(index, idx.RescoredIndex):
         return {}
     start = time.perf_counter()
-    measure = neighbour_recall(index, embeddings, doc_ids, k, num_extra_neighbors=num_extra_neighbors,
-                               max_search_k=max_search_k, seq_starts=seq_starts,
-                               chunks_per_seq=chunks_per_seq, num_queries=num_queries, seed=seed)
+    measure = neighbour_recall(index, embeddings, doc_ids, k,
+                               num_extra_neighbors=num_extra_neighbors, max_search_k=max_search_k,
+                               seq_starts=seq_starts, chunks_per_seq=chunks_per_seq,
+                               num_queries=num_queries, seed=seed)
     before = idx.search_knobs(index)
     knobs, recall = idx.tune_search(index, embeddings, k=k, target=target, recall=measure,
                                     from_current=True, tune_rescore=tune_rescore)

@@ -20,9 +20,12 @@ What each rank does, for chunks ``train.chunks.dat`` and ``W`` ranks:
 2. Rank 0 builds the index from the shards, read in rank order as one array, with
    :func:`diablogpt_pytorch.database.index.build_index` (``index=``: the same choice, training sample,
    search knobs and recall record as the single-process build; autofaiss reads the folder of
-   shards, whose zero-padded names sort in rank order). The others wait.
-3. Every rank loads the index read-only and searches the neighbours of its own range (boundaries
-   on multiples of ``knn_batch_size``; the query embeddings are read from the shards that cover
+   shards, whose zero-padded names sort in rank order). For an approximate index it then tunes
+   the search knobs for the neighbour file's own recall
+   (:func:`~diablogpt_pytorch.database.knn.tune_neighbour_search`, over the shards, as the single
+   process does over its ``.emb.npy``) and shares them. The others wait.
+3. Every rank loads the index read-only, sets those knobs and searches the neighbours of its
+   own range (boundaries on multiples of ``knn_batch_size``; the query embeddings are read from the shards that cover
    it) into its own part file ``train.chunks.knn.parts/knn-<rank>-of-<W>.dat``, with the
    single-process search stage
    (:func:`~diablogpt_pytorch.database.knn.search_neighbours_range_`): the same batches, the same
