@@ -17,7 +17,8 @@ from diablogpt_pytorch.database.documents import document_batches, document_file
 from diablogpt_pytorch.database.embed import (bert_embed, check_embedder_matches_chunks, chunks_to_index_and_embed,
                                               embed_chunks_file_, embed_memmap, embedding_settings, tokenize)
 from diablogpt_pytorch.database.knn import (chunks_to_precalculated_knn_, knn_inputs, query_chunks_to_knn_,
-                                            query_embedder, record_knn_, search_neighbours, search_neighbours_range_)
+                                            query_embedder, record_knn_, search_neighbours, search_neighbours_range_,
+                                            tune_neighbour_search)
 from diablogpt_pytorch.database.provenance import (FORMAT_VERSION, PathLike, cached_meta, check_tokenizer,
                                                    embeddings_path_for, fingerprint, index_path_for, knn_path_for,
                                                    lm_tokenizer, tokenizer_path_for)
@@ -31,5 +32,5 @@ __all__ = [
     "files_digest", "fingerprint", "index_path_for", "knn_inputs", "knn_path_for", "lm_tokenizer", "open_chunks",
     "open_doc_ids", "query_chunks_to_knn_", "query_embedder", "read_text", "record_knn_", "search_neighbours",
     "search_neighbours_range_", "sequence_documents", "sequence_documents_window", "sequence_starts",
-    "text_folder_to_chunks_", "tokenize", "tokenizer_path_for",
+    "text_folder_to_chunks_", "tokenize", "tokenizer_path_for", "tune_neighbour_search",
 ]

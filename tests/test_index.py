@@ -51,7 +51,8 @@ KINDS = {  # factory string -> the faiss class it builds
     "Flat": "IndexFlatIP",
     "HNSW32": "IndexHNSWFlat",
     f"IVF{NLIST}_HNSW32,Flat": "IndexIVFFlat",
-    f"IVF{NLIST}_HNSW32,PQ{D}np": "IndexIVFPQ",
+    f"IVF{NLIST}_HNSW32,SQ8": "IndexIVFScalarQuantizer",
+    f"IVF{NLIST}_HNSW32,PQ8np": "IndexIVFPQ",
 }
 
 
@@ -61,17 +62,35 @@ def test_auto_picks_each_kind_under_a_matching_budget():
     assert idx.choose_index(N, D, budget("HNSW32"), **small) == "HNSW32"
     ivf_flat = f"IVF{NLIST}_HNSW32,Flat"
     assert idx.choose_index(N, D, budget(ivf_flat), **small) == ivf_flat
-    # under IVF-Flat's size: IVF-PQ with the largest m that fits
-    assert idx.choose_index(N, D, budget(f"IVF{NLIST}_HNSW32,PQ{D}np"), **small) == \
-        f"IVF{NLIST}_HNSW32,PQ{D}np"
-    assert idx.choose_index(N, D, budget(f"IVF{NLIST}_HNSW32,PQ16np") + 1000, **small) == \
-        f"IVF{NLIST}_HNSW32,PQ16np"
+    # under IVF-Flat's size: a scalar quantizer (8, then 4 bits), then IVF-PQ with the largest m
+    # that fits (PQ16 at 24 bytes a vector is larger than SQ4 by its codebooks)
+    for codes in ("SQ8", "SQ4"):
+        assert idx.choose_index(N, D, budget(f"IVF{NLIST}_HNSW32,{codes}"), **small) == \
+            f"IVF{NLIST}_HNSW32,{codes}"
+    assert idx.choose_index(N, D, budget(f"IVF{NLIST}_HNSW32,SQ4") - 2, **small) == \
+        f"IVF{NLIST}_HNSW32,PQ8np"
     assert NLIST == 512  # 4 sqrt(20000) = 566, the nearest power of 2
     # HNSW and IVF-Flat hold the vectors too: above the flat size, below HNSW's, N small -> Flat
     assert idx.choose_index(N, D, budget("HNSW32") - 2) == "Flat"
     with pytest.raises(ValueError, match=r"no index of 20000 x 32 vectors fits "
                                          r"max_index_memory_usage='10k'.*raise max_index_memory_usage"):
         idx.choose_index(N, D, "10k")
+
+
+def test_auto_picks_the_cheapest_compressed_index_to_build_that_fits():
+    """With rescoring, compressed codes only rank candidates: auto prefers a scalar quantizer
+    (trained in one pass) to PQ and caps PQ's sub-quantizers at AUTO_PQ_MAX_M, instead of the
+    largest PQ that fits (384 one-dimensional k-means at d = 384)."""
+    n, d = 80_277, 384  # the scale benchmark's 16x database
+    nlist = idx.ivf_nlist(n)
+    assert idx.choose_index(n, d) == f"IVF{nlist}_HNSW32,SQ8"  # 31 MB of the default 100m
+    sq4 = idx.index_bytes(f"IVF{nlist}_HNSW32,SQ4", n, d)
+    assert idx.choose_index(n, d, sq4) == f"IVF{nlist}_HNSW32,SQ4"
+    # below SQ4 (192 bytes a vector) a PQ of 64 sub-quantizers fits; auto takes it, not PQ128/96
+    assert idx.index_bytes(f"IVF{nlist}_HNSW32,PQ128np", n, d) < sq4 - 1
+    assert idx.choose_index(n, d, sq4 - 1) == f"IVF{nlist}_HNSW32,PQ{idx.AUTO_PQ_MAX_M}np"
+    tight = idx.index_bytes(f"IVF{nlist}_HNSW32,PQ48np", n, d)
+    assert idx.choose_index(n, d, tight) == f"IVF{nlist}_HNSW32,PQ48np"
 
 
 @pytest.mark.parametrize("factory", list(KINDS))
@@ -85,7 +104,7 @@ def test_auto_builds_the_kind_it_chose_with_recall_and_size_as_recorded(factory,
     built = idx.build_index(vectors, None, path, max_index_memory_usage=budget(factory),
                             exact_max_vectors=1000 if factory != "Flat" else N)
     assert type(faiss.downcast_index(idx.unwrap(built))).__name__ == KINDS[factory]
-    assert isinstance(built, idx.RescoredIndex) == ("PQ" in factory)  # PQ codes are rescored
+    assert isinstance(built, idx.RescoredIndex) == ("Q" in factory)  # SQ / PQ codes are rescored
     assert built.metric_type == faiss.METRIC_INNER_PRODUCT and built.ntotal == N
     record = idx.index_record(path)
     assert record["factory"] == factory and record["requested"] == "auto"
@@ -372,6 +391,11 @@ def test_neighbours_over_an_ivf_pq_database_are_rescored_and_keep_the_exclusions
             index_file=index_file, seqs_memmap_path=paths["seq"],
             num_seqs=paths["seq"].stat().st_size // 4, seq_len=seq_len, force_reprocess=True)
         knn_of[name] = np.fromfile(knn_path, dtype=np.int32).reshape(n, K)
+        if name != "exact":  # the search was tuned for the file's own recall, and that recorded
+            tuned = json.loads(knn_path.with_name(knn_path.name + ".meta.json").read_text())[
+                "stats"]["neighbour_search"]
+            assert set(tuned["search_params"]) == {"nprobe"} and tuned["queries"] == min(n, 1000)
+            assert tuned["rescore"] == built.factor if name == "pq" else tuned["rescore"] == 0
         record = idx.index_record(index_file)
         if name == "pq":
             assert isinstance(built, idx.RescoredIndex) and record["rescore"] >= idx.DEFAULT_RESCORE
@@ -421,3 +445,58 @@ def test_generation_retrieves_through_a_rescored_ivf_pq_index(database):
     generate(model, pq, queries[:2].reshape(1, -1), max_new_tokens=C, temperature=0.0,
              num_neighbors=K, on_retrieve=lambda u, chunk, nb: seen.__setitem__(u, nb))
     assert torch.equal(seen[0][0], pq.retrieve(queries[:1], K)[0])
+
+
+def documents_of_chunks(n=20_000, d=D, topics=200, per_doc=20, seed=0):
+    """Chunk vectors of n / per_doc documents: each document's chunks lie close around its own
+    centre, documents around topic centres: a chunk's nearest vectors are its own document's,
+    its nearest allowed neighbours (other documents) lie farther."""
+    rng = np.random.default_rng(seed)
+    num_docs = n // per_doc
+    centres = rng.standard_normal((topics, d))
+    doc_centres = centres[rng.integers(0, topics, num_docs)] + 2.0 * rng.standard_normal((num_docs, d))
+    doc_ids = np.repeat(np.arange(num_docs), per_doc).astype(np.int32)
+    x = doc_centres[doc_ids] + 0.2 * rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), doc_ids
+
+
+def test_the_neighbour_search_is_tuned_for_the_neighbour_files_own_recall(tmp_path):
+    """An IVF-PQ index tuned for each vector's nearest vectors (its own document's) probes too few
+    lists for the neighbour file, which wants the nearest of other documents (and not of the
+    chunk's training sequences): its file holds < 0.9 of the exact file's ids. tune_neighbour_search
+    raises nprobe until the neighbour search's own recall reaches 0.9: then the file agrees with
+    the exact one on >= 0.9 of its ids. An exact index is left as it is."""
+    from diablogpt_pytorch.database import knn
+
+    x, doc_ids = documents_of_chunks()
+    chunks_per_seq = 32
+    seq_starts = np.arange(0, len(x), chunks_per_seq, dtype=np.int64)
+
+    def neighbour_file(index):
+        out = np.zeros((len(x), K), dtype=np.int64)
+        knn.search_neighbours_range_(index, x, out, 0, len(x), doc_ids, K, seq_starts=seq_starts,
+                                     chunks_per_seq=chunks_per_seq, progress=False)
+        return out
+
+    exact_index = idx.build_index(x, None, tmp_path / "e.index", index="exact")
+    assert knn.tune_neighbour_search(exact_index, x, doc_ids, K, seq_starts=seq_starts,
+                                     chunks_per_seq=chunks_per_seq) == {}
+    exact = neighbour_file(exact_index)
+    assert (exact >= 0).all()
+    pq = idx.build_index(x, None, tmp_path / "pq.index", index=f"IVF{NLIST}_HNSW32,PQ8np")
+    built = idx.index_record(tmp_path / "pq.index")
+    assert built["recall_at_2"] >= 0.9  # the index's own objective is met...
+    share = lambda got: (exact[:, :, None] == got[:, None, :]).any(-1).mean()  # noqa: E731
+    before = share(neighbour_file(pq))
+    assert before < 0.9, before  # ...the neighbour file's is not
+    tuned = knn.tune_neighbour_search(pq, x, doc_ids, K, seq_starts=seq_starts,
+                                      chunks_per_seq=chunks_per_seq)
+    assert tuned["recall_at_k"] >= 0.9 and tuned["queries"] == 1000
+    assert tuned["search_params"]["nprobe"] > built["search_params"]["nprobe"]
+    assert idx.search_knobs(pq) == tuned["search_params"]  # left set on the index
+    after = share(neighbour_file(pq))
+    assert after >= 0.9, (before, after, tuned)
+    # applied to the index read again (as the torchrun build's ranks do)
+    again = idx.read_index(tmp_path / "pq.index", embeddings=x)
+    knn.apply_neighbour_search(again, tuned)
+    assert idx.search_knobs(again) == tuned["search_params"] and again.factor == tuned["rescore"]

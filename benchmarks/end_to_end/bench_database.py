@@ -373,6 +373,11 @@ def _stage(name: str, a: dict) -> dict:
             seq_len=a["seq_len"], force_reprocess=True)
         out.update(seconds=time.perf_counter() - start, chunks=a["num_chunks"],
                    index_bytes=Path(a["index"]).stat().st_size)
+        # the knobs the neighbour search was tuned to (knn.tune_neighbour_search), if any
+        tuned = (json.loads(Path(f"{knn_path}.meta.json").read_text()).get("stats") or {}).get(
+            "neighbour_search")
+        if tuned:
+            out["neighbour_search"] = tuned
         os.replace(knn_path, a["out"])
         knn = np.fromfile(a["out"], dtype=np.int32).reshape(a["num_chunks"], a["k"])
         out["rows_short_of_neighbours"] = int((knn < 0).any(1).sum())
@@ -673,7 +678,7 @@ def scale_markdown(res: dict) -> str:
               f"{F[sizes[0]]['chunking']['start_rss_MB']:.0f} MB RSS, "
               f"{F[sizes[0]]['chunking']['start_anon_MB']:.0f} MB anonymous before it starts). "
               "Every index is built by the library (`index.build_index`: `auto` at the default "
-              "budget of 100m, or the factory string), its search knobs and, for PQ codes, "
+              "budget of 100m, or the factory string), its search knobs and, for SQ / PQ codes, "
               "its rescoring factor tuned for recall@2 >= 0.9 on 1000 sampled chunks; the "
               "neighbour and recall stages load it as the library does (`index.read_index`).", "",
              "| size | files | MB | chunks | vectors |", "| --- | --- | --- | --- | --- |"]
@@ -737,6 +742,20 @@ def scale_markdown(res: dict) -> str:
             cells.append(f"`{r['factory']}`; {knobs}; {r['rescore']}; "
                          f"{r['build_recall_at_2']:.3f}; {r['train_s']:.1f} / {r['add_s']:.1f} / "
                          f"{r['tune_s']:.1f}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines += ["", "The neighbour stage's search (`knn.tune_neighbour_search`: the index's knobs, "
+              "and the rescoring factor, raised until the neighbour search itself, with its "
+              "exclusions, reaches recall@2 >= 0.9 against exact search on 1000 sampled chunks; "
+              "knobs; rescoring factor; that recall; seconds of the stage it took):", "",
+              "| index | " + " | ".join(f"{s}x" for s in sizes) + " |",
+              "| --- |" + " --- |" * len(sizes)]
+    for key in F[sizes[0]]["neighbours"]:
+        cells = []
+        for s in sizes:
+            t = (F[s]["neighbours"].get(key) or {}).get("neighbour_search")
+            cells.append("-" if not t else
+                         (",".join(f"{n}={v}" for n, v in t["search_params"].items()) or "-")
+                         + f"; {t['rescore']}; {t['recall_at_k']:.3f}; {t['seconds']:.1f}")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     lines += ["", f"Index size (MB) / recall@{k} of the library's search against exact search on "
               f"{F[sizes[0]]['index'].get('HNSW32', {}).get('recall', {}).get('queries', '')} "

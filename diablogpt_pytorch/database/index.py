@@ -6,8 +6,9 @@ single-process and the sharded database alike) from one array or a list of shard
 
 - ``index="auto"`` (default) picks by the number of vectors N and ``max_index_memory_usage``
   (:func:`choose_index`): exact ``Flat`` when it fits and N <= ``exact_max_vectors``, else the
-  first that fits of ``HNSW32``, ``IVF{n}_HNSW32,Flat`` and ``IVF{n}_HNSW32,PQ{m}np`` (n about
-  4 sqrt(N) lists, m the largest divisor of the dimension whose codes fit), else ``Flat`` if it fits;
+  first that fits of ``HNSW32``, ``IVF{n}_HNSW32,Flat``, ``IVF{n}_HNSW32,SQ8``,
+  ``IVF{n}_HNSW32,SQ4`` and ``IVF{n}_HNSW32,PQ{m}np`` (n about 4 sqrt(N) lists, m the largest
+  divisor of the dimension up to 64 whose codes fit), else ``Flat`` if it fits;
 - ``"exact"``; ``"autofaiss"`` (the optional autofaiss package picks under the budget); or any
   faiss index factory string (``"HNSW32"``, ``"IVF1024_HNSW32,PQ48np"``...).
 
@@ -17,7 +18,7 @@ a seeded sample of the vectors reaches :data:`RECALL_TARGET` (:func:`tune_search
 string, the knobs and the recall are logged and recorded under ``"index"`` in the index's sidecar,
 and :func:`read_index` applies the recorded knobs when it loads the index.
 
-A compressed index (PQ / SQ codes: what ``"auto"`` picks under a tight budget) ranks by
+A compressed index (SQ / PQ codes: what ``"auto"`` picks under a tight budget) ranks by
 approximate scores, which caps its recall whatever the knobs. Such an index is searched through
 :class:`RescoredIndex` (rescoring): it fetches ``rescore`` x k candidates and re-ranks them by the
 exact inner product with the float32 embeddings, read from their ``.npy`` file on disk (memory
@@ -37,7 +38,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -63,6 +64,9 @@ MAX_EF_SEARCH = 4096
 #: candidates per wanted neighbour a compressed (PQ / SQ) index is searched for and re-ranked by
 #: exact inner products (:class:`RescoredIndex`)
 DEFAULT_RESCORE = 8
+#: ``index="auto"``'s PQ (when no scalar quantizer fits the budget) has at most this many
+#: sub-quantizers: with rescoring more buy no recall, and each costs k-means training time
+AUTO_PQ_MAX_M = 64
 #: embedding rows gathered per rescoring step (bounds its memory: rows x dim x 4 bytes)
 RESCORE_ROWS = 1 << 12
 #: the rescoring factor tuning raises up to
@@ -105,22 +109,25 @@ def ivf_nlist(num_vectors: int) -> int:
 
 
 def index_bytes(factory: str, num_vectors: int, dim: int) -> int:
-    """Estimated size of a ``Flat``, ``HNSW{M}``, ``IVF{n}_HNSW{M},Flat`` or
-    ``IVF{n}_HNSW{M},PQ{m}[np]`` index of ``num_vectors`` x ``dim`` (faiss's serialized size;
-    tests check the estimate against it)."""
+    """Estimated size of a ``Flat``, ``HNSW{M}``, ``IVF{n}_HNSW{M},Flat``,
+    ``IVF{n}_HNSW{M},SQ{8,4,fp16}`` or ``IVF{n}_HNSW{M},PQ{m}[np]`` index of ``num_vectors`` x
+    ``dim`` (faiss's serialized size; tests check the estimate against it)."""
     n = num_vectors
     if factory == "Flat":
         return flat_index_bytes(n, dim)
     hnsw = re.fullmatch(r"HNSW(\d+)(,Flat)?", factory)
     if hnsw:
         return int(n * _hnsw_vector_bytes(dim, int(hnsw.group(1))))
-    ivf = re.fullmatch(r"IVF(\d+)(?:_HNSW(\d+))?,(Flat|PQ(\d+)(?:x8)?(?:np)?)", factory)
+    ivf = re.fullmatch(r"IVF(\d+)(?:_HNSW(\d+))?,(Flat|PQ(\d+)(?:x8)?(?:np)?|SQ(8|4|fp16))", factory)
     if not ivf:
         raise ValueError(f"no size estimate for index {factory!r}")
     nlist = int(ivf.group(1))
     quantizer = nlist * (_hnsw_vector_bytes(dim, int(ivf.group(2))) if ivf.group(2) else 4 * dim)
     if ivf.group(3) == "Flat":
         return int(n * (4 * dim + 8) + quantizer)
+    if ivf.group(5):  # scalar quantizer: bits per dimension, a minimum and a range per dimension
+        code = {"8": dim, "4": math.ceil(dim / 2), "fp16": 2 * dim}[ivf.group(5)]
+        return int(n * (code + 8) + quantizer + 2 * dim * 4)
     m = int(ivf.group(4))
     return int(n * (m + 8) + quantizer + 256 * dim * 4)
 
@@ -130,10 +137,12 @@ def choose_index(num_vectors: int, dim: int, max_index_memory_usage: Union[str, 
     """The faiss factory string ``index="auto"`` builds for ``num_vectors`` x ``dim``.
 
     ``Flat`` (exact) when it fits ``max_index_memory_usage`` and N <= ``exact_max_vectors``; else
-    the first that fits of ``HNSW32``, ``IVF{n}_HNSW32,Flat`` and ``IVF{n}_HNSW32,PQ{m}np``
-    (n = :func:`ivf_nlist`, m the largest divisor of ``dim`` whose index fits); else ``Flat`` if it
-    fits. An HNSW or IVF-Flat index is larger than the flat one (it holds the vectors too), so
-    under a budget the flat index exceeds, the choice is IVF-PQ.
+    the first that fits of ``HNSW32``, ``IVF{n}_HNSW32,Flat``, ``IVF{n}_HNSW32,SQ8``,
+    ``IVF{n}_HNSW32,SQ4`` and ``IVF{n}_HNSW32,PQ{m}np`` (n = :func:`ivf_nlist`, m the largest
+    divisor of ``dim`` up to :data:`AUTO_PQ_MAX_M` whose index fits); else ``Flat`` if it fits.
+    An HNSW or IVF-Flat index is larger than the flat one (it holds the vectors too), so under a
+    budget the flat index exceeds, the choice is a compressed (SQ / PQ) index, searched with
+    rescoring.
     """
     budget = parse_memory(max_index_memory_usage)
     n = int(num_vectors)
@@ -142,9 +151,18 @@ def choose_index(num_vectors: int, dim: int, max_index_memory_usage: Union[str, 
         return "Flat"
     nlist = ivf_nlist(n)
     candidates = [f"HNSW{HNSW_M}", f"IVF{nlist}_HNSW{HNSW_M},Flat"]
+    # Compressed codes are searched with rescoring (RescoredIndex: candidates re-ranked by exact
+    # inner products), so they only need to rank candidates roughly: on the scale benchmark
+    # (BENCHMARKS.md) SQ8, SQ4, PQ48, PQ96 and PQ384 all reach the same rescored recall@2. What
+    # differs is the build: a scalar quantizer trains in one pass (a range per dimension) while
+    # PQ runs k-means per sub-quantizer, slower the more there are (PQ384 at 80k vectors: 74% of
+    # a 44 s build). So the cheapest to build that fits: SQ8 (d bytes a vector), SQ4 (d / 2), then
+    # a PQ of at most AUTO_PQ_MAX_M sub-quantizers (what a tighter budget leaves).
+    candidates += [f"IVF{nlist}_HNSW{HNSW_M},SQ8", f"IVF{nlist}_HNSW{HNSW_M},SQ4"]
     if n >= 256:  # a PQ codebook has 256 centroids per sub-vector
         candidates += [f"IVF{nlist}_HNSW{HNSW_M},PQ{m}np"
-                       for m in sorted((m for m in range(1, dim + 1) if dim % m == 0), reverse=True)]
+                       for m in sorted((m for m in range(1, min(dim, AUTO_PQ_MAX_M) + 1)
+                                        if dim % m == 0), reverse=True)]
     for factory in candidates:
         if index_bytes(factory, n, dim) <= budget:
             return factory
@@ -473,13 +491,18 @@ def _recall_queries(rows: _Rows, k: int, num_queries: int, seed: int):
 
 def tune_search(index, vectors: Vectors, *, k: int = 2, target: float = RECALL_TARGET,
                 num_queries: int = RECALL_QUERIES, seed: int = 0,
-                tune_rescore: bool = True) -> tuple[dict[str, int], float]:
+                tune_rescore: bool = True, recall: Optional[Callable[[Any], float]] = None,
+                from_current: bool = False) -> tuple[dict[str, int], float]:
     """Double ``nprobe`` (IVF, with the HNSW quantizer's ``efSearch`` at least 2 nprobe) or
     ``efSearch`` (HNSW) until recall@k (:func:`measure_recall`) reaches ``target``. When the knob
     is at its cap (nlist; :data:`MAX_EF_SEARCH`) or a doubling gains less than 0.005 (compressed
     codes limit the recall: the smaller setting is kept), a :class:`RescoredIndex` gets its
     rescoring factor doubled instead (with ``tune_rescore``, up to :data:`MAX_RESCORE`, kept while
     it gains 0.005); tuning stops when neither gains. Leaves the knobs (and factor) set on ``index``.
+
+    ``recall``: another measure to tune for (called with ``index``, returns the recall; the
+    neighbour search's, with its exclusions: ``knn.tune_neighbour_search``); ``from_current``:
+    start from the knobs ``index`` has (only raise them) instead of the smallest setting.
 
     Returns:
         (knobs, recall)
@@ -488,7 +511,8 @@ def tune_search(index, vectors: Vectors, *, k: int = 2, target: float = RECALL_T
 
     rows = vectors if isinstance(vectors, _Rows) else _Rows(vectors)
     knobs = search_knobs(index)
-    truth = _recall_queries(rows, k, num_queries, seed)
+    truth = _recall_queries(rows, k, num_queries, seed) if recall is None else None
+    recall_fn = recall
     ivf = faiss.try_extract_index_ivf(unwrap(index))
     cap = int(ivf.nlist) if ivf is not None else MAX_EF_SEARCH
 
@@ -503,12 +527,15 @@ def tune_search(index, vectors: Vectors, *, k: int = 2, target: float = RECALL_T
         return {"efSearch": value}
 
     def measure() -> float:
-        recall = measure_recall(index, rows, k, _truth=truth)
-        logger.debug("recall@%d %.3f at %s, rescore %s", k, recall, setting(value),
+        got = (measure_recall(index, rows, k, _truth=truth) if recall_fn is None
+               else recall_fn(index))
+        logger.debug("recall@%d %.3f at %s, rescore %s", k, got, setting(value),
                      getattr(index, "factor", 0))
-        return recall
+        return got
 
     value = 0 if not knobs else min(cap, 8) if ivf is not None else max(16, knobs["efSearch"])
+    if from_current and knobs:
+        value = knobs["nprobe" if ivf is not None else "efSearch"]
     apply_search_params(index, setting(value))
     recall = measure()
     rescoring = tune_rescore and isinstance(index, RescoredIndex)

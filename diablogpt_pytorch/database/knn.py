@@ -3,10 +3,11 @@
 - :func:`chunks_to_precalculated_knn_`: every database chunk's neighbours in the database.
 - :func:`query_chunks_to_knn_`: neighbours in the database for chunks of other documents.
 - The stages, shared with the ``torchrun`` build (:mod:`.sharded`) and the update
-  (:mod:`.update`): :func:`knn_inputs`, :func:`search_neighbours` (one batch of queries: search,
-  exclusions, ranking) and its loop :func:`search_neighbours_range_`, :func:`record_knn_` (the knn
-  file's sidecar); :func:`index_settings`, :func:`query_embedder`, :func:`query_tokenizer` (how
-  queries must be embedded to match an index).
+  (:mod:`.update`): :func:`knn_inputs`, :func:`tune_neighbour_search` (the knobs for the
+  neighbour search's own recall, with its exclusions), :func:`search_neighbours` (one batch of
+  queries: search, exclusions, ranking) and its loop :func:`search_neighbours_range_`,
+  :func:`record_knn_` (the knn file's sidecar); :func:`index_settings`, :func:`query_embedder`,
+  :func:`query_tokenizer` (how queries must be embedded to match an index).
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def knn_inputs(index_path: PathLike, doc_ids_memmap_path: PathLike, num_chunks: 
                   "seqs": fingerprint(seqs_memmap_path), "seq_len": seq_len}}
     if search_params is not None:
         inputs["search_params"] = idx.parse_search_params(search_params)
+    else:  # the search knobs are tuned for the neighbour file's recall (tune_neighbour_search)
+        inputs["neighbour_recall_target"] = idx.RECALL_TARGET
     return inputs
 
 
@@ -102,6 +105,117 @@ def search_neighbours_range_(index, embeddings: np.ndarray, out: np.ndarray, sta
     return incomplete
 
 
+def _sample_exclusions(query_ids: np.ndarray, doc_ids: np.ndarray,
+                       seq_starts: Optional[np.ndarray], chunks_per_seq: Optional[int]):
+    """The documents each sampled chunk must not retrieve besides its own: int (b, D) padded with
+    -1 (its training sequences' documents, as :func:`search_neighbours` excludes them), or None."""
+    if seq_starts is None:
+        return None
+    rows = [sequence_documents_window(seq_starts, doc_ids, chunks_per_seq, int(i), int(i) + 1)[0]
+            for i in query_ids]
+    width = max([len(r) for r in rows] + [1])
+    out = np.full((len(rows), width), -1, dtype=np.int64)
+    for j, r in enumerate(rows):
+        out[j, :len(r)] = r
+    return out
+
+
+def neighbour_recall(index, embeddings, doc_ids: np.ndarray, k: int, *,
+                     num_extra_neighbors: int = 10, max_search_k: int = 4096,
+                     seq_starts: Optional[np.ndarray] = None, chunks_per_seq: Optional[int] = None,
+                     num_queries: int = idx.RECALL_QUERIES, seed: int = 0, batch: int = 1024):
+    """A function ``index -> recall`` of the neighbour search itself: on ``num_queries`` chunks
+    drawn (seeded) from the database, the share of the exact neighbours (the ``k`` nearest chunks
+    left after the exclusions of :func:`search_neighbours`: the chunk, its document, its training
+    sequences' documents) that :func:`search_neighbours`'s search returns (at least as close as
+    the exact k-th; ties count as found). The exact side is computed once, by brute force over
+    ``embeddings`` (one (N, d) array or a list of shard arrays) in blocks of ``batch`` rows
+    (memory: a few ``num_queries`` x ``batch`` arrays, whatever N)."""
+    rows = embeddings if isinstance(embeddings, idx._Rows) else idx._Rows(embeddings)
+    rng = np.random.default_rng(seed)
+    qids = np.sort(rng.choice(rows.num, min(num_queries, rows.num), replace=False))
+    queries = rows.take(qids)
+    qdocs = np.asarray(doc_ids[qids], dtype=np.int64)
+    excl = _sample_exclusions(qids, doc_ids, seq_starts, chunks_per_seq)
+    best = np.full((len(qids), k), -np.inf, dtype=np.float32)
+    for a, block in zip(range(0, rows.num, batch), rows.batches(batch)):
+        scores = queries @ block.T
+        block_docs = np.asarray(doc_ids[a:a + len(block)], dtype=np.int64)[None, :]
+        banned = block_docs == qdocs[:, None]
+        for j in range(0 if excl is None else excl.shape[1]):
+            banned |= block_docs == excl[:, j:j + 1]
+        scores[banned] = -np.inf
+        local = qids - a
+        inside = np.flatnonzero((local >= 0) & (local < len(block)))
+        scores[inside, local[inside]] = -np.inf
+        both = np.concatenate([best, scores], axis=1)
+        best = -np.partition(-both, k - 1, axis=1)[:, :k]
+    best = -np.sort(-best, axis=1)
+    wanted = np.isfinite(best).sum(axis=1)  # fewer than k when too few chunks are allowed
+    kth = best[:, -1]
+
+    def recall(ix) -> float:
+        ids, _ = idx.search_excluding(ix, queries, k, num_extra=num_extra_neighbors, self_ids=qids,
+                                      query_doc_ids=qdocs, doc_ids=doc_ids, exclude_doc_ids=excl,
+                                      max_k=max_search_k)
+        valid = ids >= 0
+        true = np.einsum("qd,qkd->qk", queries, rows.take(np.where(valid, ids, 0).reshape(-1))
+                         .reshape(len(ids), k, -1))
+        hits = (valid & (true >= kth[:, None] - 1e-5)).sum(axis=1)
+        return float(np.minimum(hits, wanted).sum() / max(1, wanted.sum()))
+
+    return recall
+
+
+def tune_neighbour_search(index, embeddings, doc_ids: np.ndarray, k: int, *,
+                          num_extra_neighbors: int = 10, max_search_k: int = 4096,
+                          seq_starts: Optional[np.ndarray] = None,
+                          chunks_per_seq: Optional[int] = None, tune_rescore: bool = True,
+                          target: float = idx.RECALL_TARGET,
+                          num_queries: int = idx.RECALL_QUERIES, seed: int = 0) -> dict[str, Any]:
+    """Raise an approximate index's search knobs (and rescoring factor, with ``tune_rescore``)
+    from those it has until the neighbour search reaches ``target`` recall against exact search
+    with the same exclusions (:func:`neighbour_recall`, :func:`~diablogpt_pytorch.database.index.
+    tune_search`). The index's own tuning targets each chunk's nearest vectors, mostly from its
+    own document; the neighbour file wants the nearest from other documents, which lie farther
+    and, in an IVF index, in lists a few probes miss. Leaves the knobs set on ``index``.
+
+    Returns:
+        ``{}`` for an exact index, else ``search_params``, ``rescore``, ``recall_at_k`` (the
+        neighbour search's, measured on ``queries`` sampled chunks) and ``seconds``.
+    """
+    import time
+
+    if not idx.search_knobs(index) and not isinstance(index, idx.RescoredIndex):
+        return {}
+    start = time.perf_counter()
+    measure = neighbour_recall(index, embeddings, doc_ids, k,
+                               num_extra_neighbors=num_extra_neighbors, max_search_k=max_search_k,
+                               seq_starts=seq_starts, chunks_per_seq=chunks_per_seq,
+                               num_queries=num_queries, seed=seed)
+    before = idx.search_knobs(index)
+    knobs, recall = idx.tune_search(index, embeddings, k=k, target=target, recall=measure,
+                                    from_current=True, tune_rescore=tune_rescore)
+    out = {"search_params": knobs, "rescore": int(getattr(index, "factor", 0)),
+           "recall_at_k": round(recall, 4), "queries": min(num_queries, len(doc_ids)),
+           "seconds": round(time.perf_counter() - start, 3)}
+    level = logging.WARNING if recall < target else logging.INFO
+    logger.log(level, "neighbour search (other documents, after exclusions): recall@%d %.3f on %d "
+               "sampled chunks at %s (the index's own: %s), rescoring %d%s", k, recall,
+               out["queries"], knobs or "its defaults", before or "-", out["rescore"],
+               "" if recall >= target else f", below {target}")
+    return out
+
+
+def apply_neighbour_search(index, tuned: dict[str, Any]) -> None:
+    """Set what :func:`tune_neighbour_search` chose on ``index`` (read again elsewhere)."""
+    if not tuned:
+        return
+    idx.apply_search_params(index, tuned["search_params"])
+    if isinstance(index, idx.RescoredIndex) and tuned.get("rescore"):
+        index.factor = int(tuned["rescore"])
+
+
 def record_knn_(knn_path: Path, inputs: dict[str, Any], incomplete: int, num_chunks: int,
                 k: int, **stats: Any) -> None:
     """Write a finished knn file's sidecar (its inputs, ``incomplete_rows`` and ``stats``) and log
@@ -148,7 +262,11 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
     ``index`` / ``search_params`` / ``rescore``: which faiss index, its search knobs and its
     rescoring factor (see :func:`chunks_to_index_and_embed`); with an approximate index the
     neighbours are approximate (recall@2 against exact search is recorded in the index's
-    sidecar); exclusions apply to the rescored candidates.
+    sidecar); exclusions apply to the rescored candidates. Without ``search_params`` (and on
+    the CPU), the knobs (and a default rescoring factor) are first raised until this search
+    reaches recall@K 0.9 against exact search with the same exclusions
+    (:func:`tune_neighbour_search`; recorded under ``stats.neighbour_search`` in the knn file's
+    sidecar).
 
     Writes ``<dir>/<stem>.knn<suffix>`` (``train.chunks.dat`` -> ``train.chunks.knn.dat``),
     int32 (num_chunks, num_nearest_neighbors), nearest first.
@@ -178,16 +296,23 @@ def chunks_to_precalculated_knn_(num_nearest_neighbors: int, num_chunks: int, ch
         return knn_path, faiss_index
 
     meta_path(knn_path).unlink(missing_ok=True)
+    chunks_per_seq = None if seq_len is None else seq_len // chunk_size
+    tuned = {}
+    if search_params is None and not faiss_gpu:
+        tuned = tune_neighbour_search(
+            faiss_index, embeddings, doc_ids, num_nearest_neighbors,
+            num_extra_neighbors=num_extra_neighbors, max_search_k=max_search_k,
+            seq_starts=seq_starts, chunks_per_seq=chunks_per_seq, tune_rescore=rescore is None)
     with atomic_path(knn_path) as tmp:
         knn = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(num_chunks, num_nearest_neighbors))
         incomplete = search_neighbours_range_(
             faiss_index, embeddings, knn, 0, num_chunks, doc_ids, num_nearest_neighbors,
             batch_size=knn_batch_size, num_extra_neighbors=num_extra_neighbors,
-            max_search_k=max_search_k, seq_starts=seq_starts,
-            chunks_per_seq=None if seq_len is None else seq_len // chunk_size)
+            max_search_k=max_search_k, seq_starts=seq_starts, chunks_per_seq=chunks_per_seq)
         knn.flush()
         del knn
-    record_knn_(knn_path, inputs, incomplete, num_chunks, num_nearest_neighbors)
+    record_knn_(knn_path, inputs, incomplete, num_chunks, num_nearest_neighbors,
+                **({"neighbour_search": tuned} if tuned else {}))
     return knn_path, faiss_index
 
 

@@ -20,9 +20,12 @@ What each rank does, for chunks ``train.chunks.dat`` and ``W`` ranks:
 2. Rank 0 builds the index from the shards, read in rank order as one array, with
    :func:`diablogpt_pytorch.database.index.build_index` (``index=``: the same choice, training sample,
    search knobs and recall record as the single-process build; autofaiss reads the folder of
-   shards, whose zero-padded names sort in rank order). The others wait.
-3. Every rank loads the index read-only and searches the neighbours of its own range (boundaries
-   on multiples of ``knn_batch_size``; the query embeddings are read from the shards that cover
+   shards, whose zero-padded names sort in rank order). For an approximate index it then tunes
+   the search knobs for the neighbour file's own recall
+   (:func:`~diablogpt_pytorch.database.knn.tune_neighbour_search`, over the shards, as the single
+   process does over its ``.emb.npy``) and shares them. The others wait.
+3. Every rank loads the index read-only, sets those knobs and searches the neighbours of its
+   own range (boundaries on multiples of ``knn_batch_size``; the query embeddings are read from the shards that cover
    it) into its own part file ``train.chunks.knn.parts/knn-<rank>-of-<W>.dat``, with the
    single-process search stage
    (:func:`~diablogpt_pytorch.database.knn.search_neighbours_range_`): the same batches, the same
@@ -60,7 +63,8 @@ from diablogpt_pytorch.database import index as idx
 from diablogpt_pytorch.database import embedder as emb
 from diablogpt_pytorch.database.chunks import open_doc_ids, text_folder_to_chunks_
 from diablogpt_pytorch.database.embed import embed_chunks_file_, embedding_settings
-from diablogpt_pytorch.database.knn import knn_inputs, record_knn_, search_neighbours_range_
+from diablogpt_pytorch.database.knn import (apply_neighbour_search, knn_inputs, record_knn_,
+                                            search_neighbours_range_, tune_neighbour_search)
 from diablogpt_pytorch.database.provenance import (FORMAT_VERSION, cached_meta, embeddings_path_for,
                                                    fingerprint, index_path_for, knn_path_for, lm_tokenizer,
                                                    tokenizer_path_for)
@@ -294,8 +298,17 @@ def sharded_chunks_to_precalculated_knn_(
                                       num_extra_neighbors, max_search_k,
                                       seqs_memmap_path=seqs_memmap_path, seq_len=seq_len)
             reuse_knn = cached_meta([knn_path], knn_plan, "knn", force_reprocess) is not None
-    reuse_knn, knn_plan = D.broadcast_object(
-        (reuse_knn, knn_plan) if D.is_main() else None, what="sharing the knn plan")
+            tuned = {}
+            if not reuse_knn:  # the knobs for the neighbour file's recall, as the one-process build
+                tuned = tune_neighbour_search(
+                    idx.read_index(index_path), [np.load(p, mmap_mode="r") for p in shard_paths],
+                    open_doc_ids(doc_ids_memmap_path, num_chunks), K,
+                    num_extra_neighbors=num_extra_neighbors, max_search_k=max_search_k,
+                    seq_starts=sequence_starts(seqs_memmap_path, num_seqs, seq_len, chunk_size),
+                    chunks_per_seq=None if seq_len is None else seq_len // chunk_size,
+                    tune_rescore=rescore is None)
+    reuse_knn, knn_plan, tuned = D.broadcast_object(
+        (reuse_knn, knn_plan, tuned) if D.is_main() else None, what="sharing the knn plan")
     if reuse_knn:
         return knn_path, index_path
 
@@ -308,6 +321,7 @@ def sharded_chunks_to_precalculated_knn_(
             doc_ids = open_doc_ids(doc_ids_memmap_path, num_chunks)
             seq_starts = sequence_starts(seqs_memmap_path, num_seqs, seq_len, chunk_size)
             index = idx.read_index(index_path)
+            apply_neighbour_search(index, tuned)
             embeddings = _ShardRows([s for s in shards if s[1] < stop and start < s[2]], start,
                                     dim)
             with atomic_path(part_path) as tmp:
@@ -334,7 +348,8 @@ def sharded_chunks_to_precalculated_knn_(
             if knn_path.stat().st_size != num_chunks * K * 4:
                 raise RuntimeError(f"assembled {knn_path} has {knn_path.stat().st_size} bytes, "
                                    f"expected {num_chunks * K * 4}: a part file is incomplete")
-            record_knn_(knn_path, knn_plan, incomplete, num_chunks, K, world_size=world)
+            record_knn_(knn_path, knn_plan, incomplete, num_chunks, K, world_size=world,
+                        **({"neighbour_search": tuned} if tuned else {}))
             shutil.rmtree(parts_dir, ignore_errors=True)
     return knn_path, index_path
 

@@ -52,7 +52,7 @@ from diablogpt_pytorch.database import embedder as emb
 from diablogpt_pytorch.database import index as idx
 from diablogpt_pytorch.database.chunks import open_chunks, open_doc_ids
 from diablogpt_pytorch.database.documents import document_batches, document_files, files_digest, read_text
-from diablogpt_pytorch.database.knn import query_embedder
+from diablogpt_pytorch.database.knn import apply_neighbour_search, query_embedder
 from diablogpt_pytorch.database.provenance import FORMAT_VERSION, check_tokenizer, fingerprint
 from diablogpt_pytorch.database.sequences import sequence_documents_window
 from diablogpt_pytorch._io import atomic_path, tmp_path, trusted_meta, write_meta
@@ -112,6 +112,9 @@ class _State:
         self.embedder = query_embedder(self.settings, None, self.paths["index"])
         self.knn_inputs = self.meta["knn"]["inputs"]
         self.K = int(self.knn_inputs["num_nearest_neighbors"])
+        # the knobs the neighbour file was searched with (knn.tune_neighbour_search), kept
+        self.neighbour_search = dict((self.meta["knn"].get("stats") or {}).get("neighbour_search")
+                                     or {})
         seqs = self.knn_inputs.get("sequences")
         self.seq_len = None if seqs is None else int(seqs["seq_len"])
 
@@ -180,7 +183,21 @@ def _search(state: _State, index, embeddings: np.ndarray, doc_ids: np.ndarray,
             seq_starts: Optional[np.ndarray], rows: np.ndarray, knn: np.ndarray,
             batch_size: int) -> None:
     """Neighbours of chunks ``rows`` (sorted ids) into ``knn[rows]``, exactly as
-    ``chunks_to_precalculated_knn_`` searches them (same exclusions, same candidate counts)."""
+    ``chunks_to_precalculated_knn_`` searches them (same exclusions, same candidate counts, the
+    search knobs it tuned for the neighbour file: applied here, the index's own restored after)."""
+    own = (idx.search_knobs(index), getattr(index, "factor", 0))
+    apply_neighbour_search(index, state.neighbour_search)
+    try:
+        _search_rows(state, index, embeddings, doc_ids, seq_starts, rows, knn, batch_size)
+    finally:
+        idx.apply_search_params(index, own[0])
+        if isinstance(index, idx.RescoredIndex):
+            index.factor = own[1]
+
+
+def _search_rows(state: _State, index, embeddings: np.ndarray, doc_ids: np.ndarray,
+                 seq_starts: Optional[np.ndarray], rows: np.ndarray, knn: np.ndarray,
+                 batch_size: int) -> None:
     inputs = state.knn_inputs
     cps = None if state.seq_len is None else state.seq_len // state.C
     n = len(doc_ids)
@@ -280,7 +297,9 @@ class _Update:
             sequences = dict(sequences, seqs=fp(s.paths["seqs"]))
         derived("knn", {"index": fp(s.paths["index"]), "doc_ids": fp(s.paths["doc_ids"]),
                         "num_chunks": n, "sequences": sequences},
-                {"stats": {"incomplete_rows": record["incomplete_rows"]}})
+                {"stats": {"incomplete_rows": record["incomplete_rows"],
+                           **({"neighbour_search": s.neighbour_search} if s.neighbour_search
+                              else {})}})
         if s.valid is not None:
             valid_knn = s.valid["knn"]
             old = trusted_meta(valid_knn)[0] or {}
