@@ -129,10 +129,11 @@ def build_wrapper(folder: Path, db: Path, model: DIABLOGPT, knn: int, bf16: bool
 
 def train_run(wrapper: TrainingWrapper, model: DIABLOGPT, *, retrieval: bool, steps: int,
               eval_at: list[int], batch_size: int, lr: float, wd: float, seed: int,
-              diagnose_every: bool = False) -> list[dict]:
-    """Train ``model`` (already initialised) for ``steps``; evaluate at the steps in ``eval_at``
-    (and at step 0), with ``diagnose_every`` also the attention shares, per-offset gain and
-    gradient norms of :mod:`retrieval_diagnostics`. Returns one record per evaluation."""
+              diagnose_every: bool = False, lr_floor: float = 0.1) -> list[dict]:
+    """Train ``model`` (already initialised) for ``steps`` (``lr_schedule`` from ``lr`` down to
+    ``lr_floor`` x ``lr``); evaluate at the steps in ``eval_at`` (and at step 0), with
+    ``diagnose_every`` also the attention shares, per-offset gain and gradient norms of
+    :mod:`retrieval_diagnostics`. Returns one record per evaluation."""
     wrapper.model = wrapper.train_model = model
     optim = wrapper.get_optimizer(lr=lr, wd=wd)
     sampler = StepBatchSampler(len(wrapper.train_ds), batch_size, seed=seed)
@@ -159,7 +160,7 @@ def train_run(wrapper: TrainingWrapper, model: DIABLOGPT, *, retrieval: bool, st
     started, window = time.time(), []
     for step in range(steps):
         for group in optim.param_groups:
-            group["lr"] = lr_schedule(step, steps, lr)
+            group["lr"] = lr_schedule(step, steps, lr, floor=lr_floor)
         seq, retrieved = next(loader)
         with wrapper.autocast():
             loss = model(seq, retrieved if retrieval else None, return_loss=True)

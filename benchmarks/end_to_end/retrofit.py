@@ -124,7 +124,8 @@ def run_corpus(name: str, work: Path, args) -> dict:
     fitted = train_run(wrapper, model, retrieval=True, steps=args.retrofit_steps,
                        eval_at=sorted({s for s in args.eval_at if s < args.retrofit_steps}
                                       | {args.retrofit_steps}),
-                       batch_size=args.batch_size, lr=args.retrofit_lr, wd=args.wd, seed=args.seed + 1)
+                       batch_size=args.batch_size, lr=args.retrofit_lr, wd=args.wd, seed=args.seed + 1,
+                       lr_floor=args.retrofit_lr_floor)
     retrofit_seconds = time.time() - started
 
     runs = dict(pretrain=pretrain, retrofit=fitted)
@@ -157,6 +158,12 @@ def run_corpus(name: str, work: Path, args) -> dict:
         runs=runs)
 
 
+def _schedule(run: dict) -> str:
+    """How the run's retro-fit learning rate decayed, when not to the default 0.1 floor."""
+    floor = run.get("retrofit_lr_floor", 0.1)
+    return "" if floor == 0.1 else " constant" if floor == 1 else f" floor {floor}"
+
+
 def section(payload: dict) -> str:
     """The BENCHMARKS.md section: every run's final figures and the last run's curves."""
     lines = [
@@ -170,7 +177,9 @@ def section(payload: dict) -> str:
         "trained with retrieval; DIABLOGPT (the main job's CPU configuration) is trained from "
         "scratch with retrieval for comparison. 4 x 256 tokens per step, bf16, `lr_schedule`. "
         "`base` is the held-out loss of the pretrained base, which is also the retro-fitted model's "
-        "with retrieval off (exactly); `gain` = 1 - retro-fitted with / base; `scratch reaches it "
+        "with retrieval off (exactly); `gain` = 1 - retro-fitted with / base; a retro-fit lr "
+        "marked `constant` stays at its peak after the warm-up (`--retrofit-lr-floor 1`), else it "
+        "decays to a tenth; `scratch reaches it "
         "at` is the first evaluated step at which DIABLOGPT from scratch has the retro-fitted "
         "model's held-out loss (`-`: not within its steps).",
         "",
@@ -187,7 +196,7 @@ def section(payload: dict) -> str:
             lines.append(
                 f"| {run['when']} | {run['commit']} | {r['corpus']} | {run.get('base_family', 'gpt2')} | "
                 f"{run['pretrain_steps']} | "
-                f"{run['retrofit_steps']} | {run.get('retrofit_lr', '-')} | {s['base']:.3f} | {s['retrofit_with']:.3f} | "
+                f"{run['retrofit_steps']} | {run.get('retrofit_lr', '-')}{_schedule(run)} | {s['base']:.3f} | {s['retrofit_with']:.3f} | "
                 f"{s['gain']:.1%} | {r['new_parameters'] / 1e6:.2f}M / {r['scratch_parameters'] / 1e6:.2f}M | "
                 f"{run['scratch_steps']} | {scratch} | {reach} |")
     lines += ["", "Held-out loss with retrieval along every run whose curves were kept (step: loss; "
@@ -224,6 +233,9 @@ def main() -> None:
     p.add_argument("--eval-at", type=lambda s: [int(x) for x in s.split(",")],
                    default=[25, 50, 100, 150, 200, 300])
     p.add_argument("--retrofit-lr", type=float, default=1e-3)
+    p.add_argument("--retrofit-lr-floor", type=float, default=0.1,
+                   help="the retro-fit's learning rate decays (cosine) to this share of --retrofit-lr "
+                   "(1.0: constant after the warm-up)")
     p.add_argument("--base-family", default="gpt2", choices=["gpt2", "llama"],
                    help="the base decoder: GPT-2 (default) or a Llama-family model of the same "
                    "width and depth")
@@ -241,7 +253,8 @@ def main() -> None:
     payload = dict(commit=commit, cpu=cpu, when=time.strftime("%Y-%m-%d", time.gmtime()),
                    pretrain_steps=args.pretrain_steps, retrofit_steps=args.retrofit_steps,
                    scratch_steps=args.scratch_steps, batch_size=args.batch_size, lr=args.lr,
-                   retrofit_lr=args.retrofit_lr, base_family=args.base_family, wd=args.wd, bf16=not args.no_bf16,
+                   retrofit_lr=args.retrofit_lr, retrofit_lr_floor=args.retrofit_lr_floor,
+                   base_family=args.base_family, wd=args.wd, bf16=not args.no_bf16,
                    seconds=time.time() - started, results=results)
     json_path = out / "retrofit.json"
     previous = json.loads(json_path.read_text()).get("history", []) if json_path.exists() else []
