@@ -22,13 +22,13 @@ TINY = dict(max_seq_len=N, enc_dim=32, enc_depth=1, dec_dim=64, dec_depth=2,
 FILES = ("chunks", "seqs", "doc_ids", "knn", "embeddings", "index")
 
 
-def _build(folder, db, valid_fraction=0.0):
+def _build(folder, db, valid_fraction=0.0, **kwargs):
     torch.manual_seed(0)
     wrapper = TrainingWrapper(
         diablogpt=DIABLOGPT(**TINY), knn=K, chunk_size=C, documents_path=folder, glob="*.txt",
         chunks_memmap_path=db / "train.chunks.dat", seqs_memmap_path=db / "train.seq.dat",
         doc_ids_memmap_path=db / "train.doc_ids.dat", knn_extra_neighbors=8,
-        valid_fraction=valid_fraction, embed_dtype="float32")
+        valid_fraction=valid_fraction, embed_dtype="float32", **kwargs)
     return wrapper
 
 
@@ -264,12 +264,7 @@ def test_an_ivf_pq_database_is_updated_and_searched_with_rescoring(corpus, tmp_p
     from diablogpt_pytorch.database import index as idx
 
     db_dir = tmp_path / "db"
-    torch.manual_seed(0)
-    TrainingWrapper(
-        diablogpt=DIABLOGPT(**TINY), knn=K, chunk_size=C, documents_path=corpus / "A",
-        glob="*.txt", chunks_memmap_path=db_dir / "train.chunks.dat",
-        seqs_memmap_path=db_dir / "train.seq.dat", doc_ids_memmap_path=db_dir / "train.doc_ids.dat",
-        knn_extra_neighbors=8, valid_fraction=0.0, embed_dtype="float32", index="IVF4,PQ32x4np")
+    _build(corpus / "A", db_dir, index="IVF4,PQ32x4np")
     add_documents(db_dir, corpus / "B", glob="*.txt", refresh_neighbours=True)
     db = Database.open(db_dir)
     record = idx.index_record(db.path("index"))
@@ -295,13 +290,7 @@ def test_training_wrapper_passes_rescore_to_the_index(corpus, tmp_path, rescore)
     from diablogpt_pytorch.database import index as idx
 
     db_dir = tmp_path / "db"
-    torch.manual_seed(0)
-    TrainingWrapper(
-        diablogpt=DIABLOGPT(**TINY), knn=K, chunk_size=C, documents_path=corpus / "A",
-        glob="*.txt", chunks_memmap_path=db_dir / "train.chunks.dat",
-        seqs_memmap_path=db_dir / "train.seq.dat", doc_ids_memmap_path=db_dir / "train.doc_ids.dat",
-        knn_extra_neighbors=8, valid_fraction=0.0, embed_dtype="float32",
-        index="IVF4,PQ32x4np", rescore=rescore)
+    _build(corpus / "A", db_dir, index="IVF4,PQ32x4np", rescore=rescore)
     db = Database.open(db_dir)
     assert idx.index_record(db.path("index"))["rescore"] == rescore
     retriever = db.retriever()
