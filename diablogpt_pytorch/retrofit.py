@@ -116,7 +116,13 @@ class RetroFitted(nn.Module):
         dec_cross_attn_layers: 1-based numbers of the base model's blocks after which CCA runs;
             the encoder runs at the first of them.
         enc_dim: neighbour encoder width (default: the base model's hidden size).
-        enc_depth: encoder layers.
+        enc_depth: encoder layers; 0 leaves only the input projection (CCA then reads the
+            projected neighbour token embeddings directly).
+        enc_next_token: each neighbour token's encoder input also holds the embedding of the
+            token after it in the neighbour (``[e(t_j), e(t_j+1)]`` projected to ``enc_dim``;
+            zeros after the last token and for padding), so that a CCA key that matches token
+            ``t_j`` can carry ``t_j+1``: copying a continuation from a neighbour then takes one
+            attention step instead of an encoder layer learnt for it.
         enc_cross_attn_layers: 1-based encoder layers that cross-attend to the retrieving chunk's
             hidden states (default: all).
         heads, dim_head: attention heads and width per head of the encoder and CCA.
@@ -139,6 +145,7 @@ class RetroFitted(nn.Module):
         dec_cross_attn_layers: Sequence[int],
         enc_dim: Optional[int] = None,
         enc_depth: int = 2,
+        enc_next_token: bool = False,
         enc_cross_attn_layers: Optional[Sequence[int]] = None,
         heads: int = 8,
         dim_head: int = 64,
@@ -181,6 +188,8 @@ class RetroFitted(nn.Module):
             raise ValueError(
                 f"dec_cross_attn_layers are 1-based block numbers in [1, {depth}] (the base model "
                 f"{str(base)!r} has {depth} blocks); got {bad}")
+        if int(enc_depth) < 0:
+            raise ValueError(f"enc_depth must be >= 0; got {enc_depth}")
         if dim_head % 2:
             raise ValueError(f"dim_head must be even for rotary embeddings; got {dim_head}")
         if pad_id is None:
@@ -211,7 +220,8 @@ class RetroFitted(nn.Module):
 
         self.config = dict(
             base=str(base), base_sha256=actual_sha, dec_cross_attn_layers=layers, enc_dim=enc_dim,
-            enc_depth=int(enc_depth), enc_cross_attn_layers=enc_cross_attn_layers, heads=int(heads),
+            enc_depth=int(enc_depth), enc_next_token=bool(enc_next_token),
+            enc_cross_attn_layers=enc_cross_attn_layers, heads=int(heads),
             dim_head=int(dim_head), chunk_size=int(chunk_size), max_seq_len=max_seq_len,
             pad_id=int(pad_id), freeze=bool(freeze), cca_dropout=float(cca_dropout),
             enc_attn_dropout=float(enc_attn_dropout), enc_ff_dropout=float(enc_ff_dropout),
@@ -232,8 +242,9 @@ class RetroFitted(nn.Module):
         # output stays zero, so the logits still equal the base's at initialisation.
         emb_rms = float(self.base.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
         emb_scale = 1.0 / emb_rms if emb_rms > 0 else 1.0
-        if enc_dim != dim:
-            self.to_enc = nn.Linear(dim, enc_dim, bias=False)
+        self.enc_next_token = bool(enc_next_token)
+        if enc_dim != dim or self.enc_next_token:
+            self.to_enc = nn.Linear(dim * (2 if self.enc_next_token else 1), enc_dim, bias=False)
             with torch.no_grad():
                 self.to_enc.weight.mul_(emb_scale)
         else:
@@ -376,6 +387,14 @@ class RetroFitted(nn.Module):
             cache.length = end
         return out.last_hidden_state
 
+    def _next_token_input(self, retrieved: Tensor) -> Tensor:
+        """``[e(t_j), e(t_j+1)]`` (..., 2C, 2 * hidden) for neighbour tokens ``retrieved``
+        (..., 2C): each token's embedding beside the next one's, padding and the slot after the
+        last token at zero."""
+        emb = self.token_emb(retrieved) * (retrieved != self.pad_id).unsqueeze(-1).to(self.token_emb.weight.dtype)
+        following = torch.cat([emb[..., 1:, :], torch.zeros_like(emb[..., :1, :])], dim=-2)
+        return torch.cat([emb, following], dim=-1)
+
     def _make_hook(self, layer_id: int):
         cca_index = self.cca_layer_ids.index(layer_id)
 
@@ -385,7 +404,10 @@ class RetroFitted(nn.Module):
                 return None  # the base model's own output
             x = output[0] if isinstance(output, tuple) else output
             if layer_id == self.cca_layer_ids[0]:
-                call.cca_state = self._encode_new_chunks(x, call.retrieved, call.new_chunks, call.cache)
+                emb = (self._next_token_input(call.retrieved)
+                       if self.enc_next_token and call.retrieved is not None else None)
+                call.cca_state = self._encode_new_chunks(x, call.retrieved, call.new_chunks, call.cache,
+                                                         neighbour_emb=emb)
             x = self._cca(layer_id)(x, call.start, call.cca_state, cca_index)
             return (x, *output[1:]) if isinstance(output, tuple) else x
 

@@ -42,6 +42,13 @@ def _save_base(folder: Path, family: str, vocab: int = V, seed: int = 0, positio
     return folder
 
 
+@pytest.fixture(params=["encoder", "next_token"])
+def new_parts(request):
+    """The new parts: a 1-layer encoder, or none (enc_depth=0) with each neighbour token's input
+    holding the next token's embedding too (enc_next_token)."""
+    return NEW if request.param == "encoder" else dict(NEW, enc_depth=0, enc_next_token=True)
+
+
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def base_path(request, tmp_path_factory):
     return _save_base(tmp_path_factory.mktemp(request.param) / "base", request.param)
@@ -72,9 +79,9 @@ def _activate(model: RetroFitted, seed: int = 0) -> RetroFitted:
 # -- exactness ----------------------------------------------------------------------------------
 
 
-def test_logits_equal_the_base_without_retrieval_and_at_initialisation(base_path):
+def test_logits_equal_the_base_without_retrieval_and_at_initialisation(base_path, new_parts):
     base = _load_base(base_path)
-    model = retrofit(base_path, **NEW).eval()
+    model = retrofit(base_path, **new_parts).eval()
     seq, retrieved = _inputs()
     expected = base(seq).logits
     assert torch.equal(model(seq), expected)
@@ -90,8 +97,8 @@ def test_logits_equal_the_base_without_retrieval_and_at_initialisation(base_path
     assert not torch.allclose(with_retrieval[:, C - 1:], expected[:, C - 1:])
 
 
-def test_causality_and_retrieval_causality(base_path):
-    model = _activate(retrofit(base_path, **NEW)).eval()
+def test_causality_and_retrieval_causality(base_path, new_parts):
+    model = _activate(retrofit(base_path, **new_parts)).eval()
     seq, retrieved = _inputs()
     logits = model(seq, retrieved)
     p = 19
@@ -124,8 +131,8 @@ def test_configuration_checks(base_path):
 # -- freezing and the optimizer ------------------------------------------------------------------
 
 
-def test_frozen_base_gets_no_gradient_and_no_optimizer_slot(base_path):
-    model = _activate(retrofit(base_path, **NEW))
+def test_frozen_base_gets_no_gradient_and_no_optimizer_slot(base_path, new_parts):
+    model = _activate(retrofit(base_path, **new_parts))
     model.train()
     assert not model.base.training  # frozen: the base model's dropout stays off
     seq, retrieved = _inputs(n=N + 1)
@@ -141,7 +148,7 @@ def test_frozen_base_gets_no_gradient_and_no_optimizer_slot(base_path):
     assert {n for group in optimizer.param_groups for n in group["names"]} == new
     assert sum(len(group["params"]) for group in optimizer.param_groups) == len(new)
 
-    trained_base = retrofit(base_path, **NEW, freeze=False)
+    trained_base = retrofit(base_path, **new_parts, freeze=False)
     trained_base.train()
     assert trained_base.base.training
     names = {n for group in get_optimizer(trained_base).param_groups for n in group["names"]}
@@ -160,8 +167,8 @@ def test_bf16_autocast_loss_and_backward(base_path):
 # -- cached decoding and generation -------------------------------------------------------------
 
 
-def test_cached_decoding_equals_the_full_forward(base_path):
-    model = _activate(retrofit(base_path, **NEW)).eval()
+def test_cached_decoding_equals_the_full_forward(base_path, new_parts):
+    model = _activate(retrofit(base_path, **new_parts)).eval()
     seq, retrieved = _inputs()
     full = model(seq, retrieved)
     for split in (1, C - 1, C, 13):
@@ -177,8 +184,8 @@ def test_cached_decoding_equals_the_full_forward(base_path):
     torch.testing.assert_close(torch.cat(steps, dim=1), model(seq), rtol=1e-4, atol=1e-4)
 
 
-def test_greedy_generate_equals_the_full_forward(base_path):
-    model = _activate(retrofit(base_path, **NEW, max_seq_len=32)).eval()
+def test_greedy_generate_equals_the_full_forward(base_path, new_parts):
+    model = _activate(retrofit(base_path, **new_parts, max_seq_len=32)).eval()
     _, retrieved = _inputs(n=32)
     prompt = torch.randint(2, V, (2, 5))
     out = generate(model, start=prompt, retrieved=retrieved, temperature=0.0, num_neighbors=K)
@@ -203,10 +210,10 @@ def test_ragged_prompts_generate_as_each_prompt_alone(base_path):
 # -- checkpoints ------------------------------------------------------------------------------------
 
 
-def test_checkpoint_holds_only_new_weights_and_refuses_another_base(base_path, tmp_path):
+def test_checkpoint_holds_only_new_weights_and_refuses_another_base(base_path, new_parts, tmp_path):
     folder = tmp_path / "base"
     shutil.copytree(base_path, folder)
-    model = _activate(retrofit(folder, **NEW))
+    model = _activate(retrofit(folder, **new_parts))
     assert model.config["base_sha256"] == weights_sha256(_load_base(folder))
     path = save_checkpoint(tmp_path / "retro.pt", model, step=3)
     payload = torch.load(path, weights_only=True)
@@ -219,7 +226,7 @@ def test_checkpoint_holds_only_new_weights_and_refuses_another_base(base_path, t
     assert isinstance(loaded, RetroFitted)
     assert torch.equal(loaded(seq, retrieved), model.eval()(seq, retrieved))
 
-    fresh = retrofit(folder, **NEW)
+    fresh = retrofit(folder, **new_parts)
     assert load_checkpoint(path, fresh)["step"] == 3
     assert torch.equal(fresh.eval()(seq, retrieved), model(seq, retrieved))
 
@@ -229,7 +236,7 @@ def test_checkpoint_holds_only_new_weights_and_refuses_another_base(base_path, t
     with pytest.raises(ValueError, match="sha256"):
         load_model(path)
     with pytest.raises(ValueError, match="retro-fitted onto a base model with weights sha256"):
-        load_checkpoint(path, retrofit(folder, **NEW))
+        load_checkpoint(path, retrofit(folder, **new_parts))
 
 
 def test_unfrozen_checkpoint_stores_the_trained_base(base_path, tmp_path):
@@ -348,3 +355,31 @@ def test_neighbour_tokens_enter_the_encoder_at_unit_scale(base_path):
     narrower = retrofit(base_path, **dict(NEW, enc_dim=16))
     rms = narrower.to_enc(narrower.token_emb.weight).pow(2).mean().sqrt().item()
     assert 0.3 < rms < 1.5  # a default-initialised Linear of unit-RMS inputs
+
+
+def test_next_token_input_pairs_each_neighbour_token_with_the_next(base_path):
+    model = retrofit(base_path, **dict(NEW, enc_depth=0, enc_next_token=True))
+    assert model.config["enc_next_token"] and model.to_enc.in_features == 2 * model.token_emb.embedding_dim
+    _, retrieved = _inputs()
+    pairs = model._next_token_input(retrieved)
+    emb, hidden = model.token_emb(retrieved), model.token_emb.embedding_dim
+    real = (retrieved != 0).unsqueeze(-1)
+    assert torch.equal(pairs[..., :hidden], emb * real)  # the token itself, padding at zero
+    assert torch.equal(pairs[..., :-1, hidden:], (emb * real)[..., 1:, :])  # the next token
+    assert not pairs[..., -1, hidden:].any()  # nothing after a neighbour's last token
+    assert not model.encoder.layers and model.encoder.context_norm is None
+    assert not any("context_norm" in name for name in model.state_dict())
+
+
+def test_encoder_without_cross_attention_loads_a_state_with_its_old_context_norm():
+    from diablogpt_pytorch.model.encoder import Encoder
+
+    old = Encoder(16, 1, 24, 2, 8, 0.0, 0.0, [1], False, None).state_dict()
+    new = Encoder(16, 1, 24, 2, 8, 0.0, 0.0, [], False, None)
+    assert new.context_norm is None and "context_norm.gamma" in old
+    state = {k: v for k, v in old.items() if ".1." not in k}  # without the cross-attention layer
+    new.load_state_dict(state)  # strict: the stale context norm is dropped, nothing else missing
+    x, context = torch.randn(1, 2, 2, 6, 16), torch.randn(1, 2, 3, 24)
+    out = new(x, torch.zeros(1, 2, 2, 6, dtype=torch.bool), context)
+    assert out.shape == (1, 2, 12, 16)
+    assert torch.equal(out, new(x, torch.zeros(1, 2, 2, 6, dtype=torch.bool), torch.randn(1, 2, 3, 24)))

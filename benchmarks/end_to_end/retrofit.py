@@ -65,6 +65,12 @@ NEW = dict(dec_cross_attn_layers=(2, 4), enc_dim=CPU.enc_dim, enc_depth=CPU.enc_
            max_seq_len=CPU.max_seq_len)
 
 
+def new_parts(args) -> dict:
+    """NEW with the run's encoder options (``--enc-depth``, ``--enc-next-token``)."""
+    return dict(NEW, enc_depth=getattr(args, "enc_depth", NEW["enc_depth"]),
+                enc_next_token=bool(getattr(args, "enc_next_token", False)))
+
+
 def count(params) -> int:
     return sum(p.numel() for p in params)
 
@@ -117,7 +123,7 @@ def run_corpus(name: str, work: Path, args) -> dict:
     pretrain_seconds = time.time() - started
 
     torch.manual_seed(args.seed)
-    model = retrofit(base_path, **NEW)
+    model = retrofit(base_path, **new_parts(args))
     logger.info("%s: retro-fitting, %d new parameters trained, %d frozen", name,
                 count(model.new_parameters()), count(model.base.parameters()))
     started = time.time()
@@ -164,6 +170,12 @@ def _schedule(run: dict) -> str:
     return "" if floor == 0.1 else " constant" if floor == 1 else f" floor {floor}"
 
 
+def _encoder(run: dict) -> str:
+    """The retro-fit's encoder: its depth, and whether tokens carry the next one's embedding."""
+    depth = run.get("enc_depth", NEW["enc_depth"])
+    return f"{depth} layers" + (" + next token" if run.get("enc_next_token") else "")
+
+
 def section(payload: dict) -> str:
     """The BENCHMARKS.md section: every run's final figures and the last run's curves."""
     lines = [
@@ -183,10 +195,10 @@ def section(payload: dict) -> str:
         "at` is the first evaluated step at which DIABLOGPT from scratch has the retro-fitted "
         "model's held-out loss (`-`: not within its steps).",
         "",
-        "| when | commit | corpus | base | pretrain steps | retro-fit steps | retro-fit lr | base | retro-fitted "
+        "| when | commit | corpus | base | encoder | pretrain steps | retro-fit steps | retro-fit lr | base | retro-fitted "
         "with retrieval | gain | trained params (retro-fit / scratch) | scratch steps | scratch | "
         "scratch reaches it at |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in payload["history"]:
         for r in run["results"]:
@@ -194,7 +206,7 @@ def section(payload: dict) -> str:
             scratch = "-" if s["scratch"] is None else f"{s['scratch']:.3f}"
             reach = s["scratch_steps_to_match"] if s["scratch_steps_to_match"] is not None else "-"
             lines.append(
-                f"| {run['when']} | {run['commit']} | {r['corpus']} | {run.get('base_family', 'gpt2')} | "
+                f"| {run['when']} | {run['commit']} | {r['corpus']} | {run.get('base_family', 'gpt2')} | {_encoder(run)} | "
                 f"{run['pretrain_steps']} | "
                 f"{run['retrofit_steps']} | {run.get('retrofit_lr', '-')}{_schedule(run)} | {s['base']:.3f} | {s['retrofit_with']:.3f} | "
                 f"{s['gain']:.1%} | {r['new_parameters'] / 1e6:.2f}M / {r['scratch_parameters'] / 1e6:.2f}M | "
@@ -202,8 +214,8 @@ def section(payload: dict) -> str:
     lines += ["", "Held-out loss with retrieval along every run whose curves were kept (step: loss; "
               "the scratch run's learning rate follows its own schedule of `scratch steps`, so "
               "its loss at a step depends on that length):", "",
-              "| commit | corpus | base | run (steps) | held-out loss with retrieval at step |",
-              "| --- | --- | --- | --- | --- |"]
+              "| commit | corpus | base | encoder | run (steps) | held-out loss with retrieval at step |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for run in payload["history"]:
         for r in run["results"]:
             for label in ("retrofit", "scratch"):
@@ -211,7 +223,7 @@ def section(payload: dict) -> str:
                 if recs:
                     curve = ", ".join(f"{rec['step']}: {rec['with_retrieval']:.3f}" for rec in recs)
                     lines.append(f"| {run['commit']} | {r['corpus']} | {run.get('base_family', 'gpt2')} | "
-                                 f"{label} ({recs[-1]['step']}) | {curve} |")
+                                 f"{_encoder(run) if label == 'retrofit' else '-'} | {label} ({recs[-1]['step']}) | {curve} |")
     lines += ["", f"Held-out loss along the last run ({payload['commit']}, {payload['cpu']}):", "",
               "| corpus | run | step | with retrieval | without retrieval | seconds |",
               "| --- | --- | --- | --- | --- | --- |"]
@@ -239,6 +251,10 @@ def main() -> None:
     p.add_argument("--base-family", default="gpt2", choices=["gpt2", "llama"],
                    help="the base decoder: GPT-2 (default) or a Llama-family model of the same "
                    "width and depth")
+    p.add_argument("--enc-depth", type=int, default=NEW["enc_depth"],
+                   help="encoder layers of the retro-fit (0: CCA reads the projected neighbour tokens)")
+    p.add_argument("--enc-next-token", action="store_true",
+                   help="each neighbour token's encoder input also holds the next token's embedding")
     add_run_args(p, "retrieval_gain")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -254,7 +270,8 @@ def main() -> None:
                    pretrain_steps=args.pretrain_steps, retrofit_steps=args.retrofit_steps,
                    scratch_steps=args.scratch_steps, batch_size=args.batch_size, lr=args.lr,
                    retrofit_lr=args.retrofit_lr, retrofit_lr_floor=args.retrofit_lr_floor,
-                   base_family=args.base_family, wd=args.wd, bf16=not args.no_bf16,
+                   base_family=args.base_family, enc_depth=args.enc_depth,
+                   enc_next_token=args.enc_next_token, wd=args.wd, bf16=not args.no_bf16,
                    seconds=time.time() - started, results=results)
     json_path = out / "retrofit.json"
     previous = json.loads(json_path.read_text()).get("history", []) if json_path.exists() else []

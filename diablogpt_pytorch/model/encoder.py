@@ -50,6 +50,7 @@ class Encoder(nn.Module):
                  gated: bool, deepnet: Optional[dict[str, float]]):
         super().__init__()
         alpha = deepnet["enc_alpha"] if deepnet else None
+        self.cross_attends = any(1 <= i <= depth for i in cross_attn_layers)
         self.layers = nn.ModuleList()
         for layer_num in range(1, depth + 1):
             attn = Residual(dim, SelfAttention(dim, heads, dim_head, attn_dropout, causal=False), gated, alpha)
@@ -58,9 +59,17 @@ class Encoder(nn.Module):
                 cross = Residual(dim, CrossAttention(dim, context_dim, heads, dim_head, attn_dropout), gated, alpha)
             ff = Residual(dim, FeedForward(dim, dropout=ff_dropout), gated, alpha)
             self.layers.append(EncoderBlock(attn, cross, ff))
-        self.context_norm = RMSNorm(context_dim, gated=gated)
+        # without a cross-attending layer the context is unused: no norm for it (an unused
+        # parameter would get no gradient, which DDP refuses)
+        self.context_norm = RMSNorm(context_dim, gated=gated) if self.cross_attends else None
         self.final_norm = nn.Identity() if deepnet else RMSNorm(dim, gated=gated)
         self.rotary = Rotary(dim_head)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before an encoder without cross-attention dropped its context norm
+        if self.context_norm is None:
+            state_dict.pop(prefix + "context_norm.gamma", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor, pad_mask: Tensor, context: Tensor) -> Tensor:
         b, m, k, length, dim = x.shape
@@ -71,7 +80,8 @@ class Encoder(nn.Module):
         real = ~pad_mask.reshape(b * m * k, 1, 1, length)
         eye = torch.eye(length, dtype=torch.bool, device=x.device)
         key_mask = real | eye
-        context = self.context_norm(context.reshape(b * m, -1, context.shape[-1]))
+        if self.context_norm is not None:
+            context = self.context_norm(context.reshape(b * m, -1, context.shape[-1]))
         for block in self.layers:
             x = block.attn(x, rot, key_mask=key_mask)
             if block.cross is not None:  # the K*2C tokens of a chunk's neighbours attend to its C tokens
