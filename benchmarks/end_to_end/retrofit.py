@@ -42,7 +42,9 @@ import torch
 
 from diablogpt_pytorch import DIABLOGPT
 from diablogpt_pytorch.config import CPU
+from diablogpt_pytorch.optim import get_optimizer
 from diablogpt_pytorch.retrofit import retrofit
+from diablogpt_pytorch.training import StepBatchSampler
 
 from benchmarks.common import report as _report
 from benchmarks.end_to_end.retrieval_gain import CORPORA, add_run_args, build_wrapper, make_corpus, train_run
@@ -106,6 +108,32 @@ def pretrained_base(name: str, folder: Path, wrapper, args) -> tuple[Path, list[
     return folder, records
 
 
+def step_seconds(wrapper, models: dict, batch_size: int, repeats: int) -> dict:
+    """Median seconds of one training step (forward with retrieval, backward, AdamW) of each of
+    ``models``, measured side by side: the models take turns on the same batches, so machine load
+    shifts them alike. Their weights are restored afterwards."""
+    states = {k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in models.items()}
+    optims = {k: get_optimizer(m, lr=1e-4) for k, m in models.items()}
+    loader = iter(wrapper.get_dataloader(batch_sampler=StepBatchSampler(len(wrapper.train_ds), batch_size, seed=7),
+                                         num_workers=0))
+    times = {k: [] for k in models}
+    for i in range(repeats + 1):  # the first round warms up
+        seq, retrieved = next(loader)
+        for k, model in models.items():
+            model.train()
+            started = time.perf_counter()
+            with wrapper.autocast():
+                loss = model(seq, retrieved, return_loss=True)
+            loss.backward()
+            optims[k].step()
+            optims[k].zero_grad(set_to_none=True)
+            if i:
+                times[k].append(time.perf_counter() - started)
+    for k, model in models.items():
+        model.load_state_dict(states[k])
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
 def first_step_reaching(records: list[dict], loss: float):
     """The first evaluated step whose held-out loss with retrieval is <= ``loss`` (else None)."""
     return next((r["step"] for r in records if r["step"] > 0 and r["with_retrieval"] <= loss), None)
@@ -145,6 +173,8 @@ def run_corpus(name: str, work: Path, args) -> dict:
             eval_at=sorted({s for s in args.eval_at if s < args.scratch_steps} | {args.scratch_steps}),
             batch_size=args.batch_size, lr=args.lr, wd=args.wd, seed=args.seed)
         scratch_seconds = time.time() - started
+    timing = (step_seconds(wrapper, dict(retrofit=model, scratch=scratch), args.batch_size, args.time_steps)
+              if args.time_steps else None)
     final = fitted[-1]
     return dict(
         corpus=name, train_documents=len(wrapper.train_documents),
@@ -153,6 +183,7 @@ def run_corpus(name: str, work: Path, args) -> dict:
         new_parameters=count(model.new_parameters()),
         scratch_parameters=count(scratch.parameters()),
         seconds=dict(pretrain=pretrain_seconds, retrofit=retrofit_seconds, scratch=scratch_seconds),
+        step_seconds=timing,
         summary=dict(
             base=final["without_retrieval"],  # equal to the base model's own loss
             base_at_start=fitted[0]["without_retrieval"],
@@ -168,6 +199,12 @@ def _schedule(run: dict) -> str:
     """How the run's retro-fit learning rate decayed, when not to the default 0.1 floor."""
     floor = run.get("retrofit_lr_floor", 0.1)
     return "" if floor == 0.1 else " constant" if floor == 1 else f" floor {floor}"
+
+
+def _step_times(result: dict) -> str:
+    """Seconds per training step of the retro-fitted model and of DIABLOGPT, side by side."""
+    t = result.get("step_seconds")
+    return "-" if not t else f"{t['retrofit']:.2f} / {t['scratch']:.2f}"
 
 
 def _encoder(run: dict) -> str:
@@ -191,14 +228,15 @@ def section(payload: dict) -> str:
         "`base` is the held-out loss of the pretrained base, which is also the retro-fitted model's "
         "with retrieval off (exactly); `gain` = 1 - retro-fitted with / base; a retro-fit lr "
         "marked `constant` stays at its peak after the warm-up (`--retrofit-lr-floor 1`), else it "
-        "decays to a tenth; `scratch reaches it "
+        "decays to a tenth; `s per step` is the median seconds of one training step of each, timed side "
+        "by side in the run (`--time-steps`); `scratch reaches it "
         "at` is the first evaluated step at which DIABLOGPT from scratch has the retro-fitted "
         "model's held-out loss (`-`: not within its steps).",
         "",
         "| when | commit | corpus | base | encoder | pretrain steps | retro-fit steps | retro-fit lr | base | retro-fitted "
-        "with retrieval | gain | trained params (retro-fit / scratch) | scratch steps | scratch | "
-        "scratch reaches it at |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "with retrieval | gain | trained params (retro-fit / scratch) | s per step (retro-fit / scratch) | "
+        "scratch steps | scratch | scratch reaches it at |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in payload["history"]:
         for r in run["results"]:
@@ -210,6 +248,7 @@ def section(payload: dict) -> str:
                 f"{run['pretrain_steps']} | "
                 f"{run['retrofit_steps']} | {run.get('retrofit_lr', '-')}{_schedule(run)} | {s['base']:.3f} | {s['retrofit_with']:.3f} | "
                 f"{s['gain']:.1%} | {r['new_parameters'] / 1e6:.2f}M / {r['scratch_parameters'] / 1e6:.2f}M | "
+                f"{_step_times(r)} | "
                 f"{run['scratch_steps']} | {scratch} | {reach} |")
     lines += ["", "Held-out loss with retrieval along every run whose curves were kept (step: loss; "
               "the scratch run's learning rate follows its own schedule of `scratch steps`, so "
@@ -255,6 +294,9 @@ def main() -> None:
                    help="encoder layers of the retro-fit (0: CCA reads the projected neighbour tokens)")
     p.add_argument("--enc-next-token", action="store_true",
                    help="each neighbour token's encoder input also holds the next token's embedding")
+    p.add_argument("--time-steps", type=int, default=10,
+                   help="time this many training steps of the retro-fitted model and of DIABLOGPT "
+                   "side by side (0: skip)")
     add_run_args(p, "retrieval_gain")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
