@@ -450,9 +450,9 @@ def retrofit(model_name_or_path: Union[str, os.PathLike], *, dec_cross_attn_laye
     """Load the causal LM at ``model_name_or_path`` (offline) and add RETRO's neighbour encoder
     and chunked cross-attention after the 1-based blocks ``dec_cross_attn_layers``.
 
-    Keyword arguments are :class:`RetroFitted`'s (``enc_dim``, ``enc_depth``, ``heads``,
-    ``dim_head``, ``chunk_size=64``, ``max_seq_len``, ``pad_id``, ``freeze=True``, dropouts,
-    ``dtype``). Returns the model in train mode; with retrieval off, and at initialisation, its
+    Keyword arguments are :class:`RetroFitted`'s (``enc_dim``, ``enc_depth``,
+    ``enc_next_token``, ``heads``, ``dim_head``, ``chunk_size=64``, ``max_seq_len``, ``pad_id``,
+    ``freeze=True``, dropouts, ``dtype``). Returns the model in train mode; with retrieval off, and at initialisation, its
     logits are the base model's.
     """
     return RetroFitted(model_name_or_path, dec_cross_attn_layers=dec_cross_attn_layers, **kwargs)
