@@ -11,8 +11,9 @@ twice, as it is and re-wrapped, split by file; ``natural``: the default corpus):
    without retrieval for ``--pretrain-steps`` and save it with ``save_pretrained`` (a later run
    with the same settings loads it instead);
 2. retro-fit it (:func:`diablogpt_pytorch.retrofit.retrofit`: CCA after blocks 2 and 4, a 2-layer
-   128-wide encoder, chunk size 64, K=2; base frozen) and train the new parameters with retrieval
-   for ``--retrofit-steps``;
+   128-wide encoder, chunk size 64, K=2; base frozen; ``--enc-depth 0 --enc-next-token`` for no
+   encoder and each neighbour token's input holding the next token's embedding too) and train
+   the new parameters with retrieval for ``--retrofit-steps``;
 3. train DIABLOGPT from scratch with retrieval (the main job's CPU configuration) for
    ``--scratch-steps``, evaluating along the way, to see at which step it reaches the
    retro-fitted model's held-out loss.
@@ -20,7 +21,8 @@ twice, as it is and re-wrapped, split by file; ``natural``: the default corpus):
 Every stage uses the library's TrainingWrapper, get_optimizer, the main job's schedule
 (``lr_schedule``), 4 x 256 tokens per step and bf16 autocast (``retrieval_gain.train_run``).
 Reported: held-out loss of the base, of the retro-fitted model with retrieval and without (the
-latter equals the base's exactly), of DIABLOGPT from scratch, and the trained parameter counts.
+latter equals the base's exactly), of DIABLOGPT from scratch, the trained parameter counts, and
+the seconds of one training step of each, timed side by side (``--time-steps``).
 
 Writes ``<out>/retrofit.json`` (every evaluation, and a history of every run) and, unless
 ``--no-report``, the "Retro-fitting" section of BENCHMARKS.md. Every run is reported.
