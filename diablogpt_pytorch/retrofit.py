@@ -238,8 +238,9 @@ class RetroFitted(nn.Module):
         # Neighbour tokens enter the encoder through the base's input embedding, whose scale is the
         # base's choice (GPT-2-style 0.02-std init: RMS ~0.04), next to which every encoder branch
         # output (RMS ~0.3) drowns the tokens. ``to_enc`` brings them to unit RMS (a Linear whose
-        # initial weight is divided by that RMS, or a fixed scale when the widths match); the CCA
-        # output stays zero, so the logits still equal the base's at initialisation.
+        # initial weight is divided by that RMS, or a fixed scale when the widths match and there
+        # is no next-token input); the CCA output stays zero, so the logits still equal the base's
+        # at initialisation.
         emb_rms = float(self.base.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
         emb_scale = 1.0 / emb_rms if emb_rms > 0 else 1.0
         self.enc_next_token = bool(enc_next_token)
@@ -452,7 +453,7 @@ def retrofit(model_name_or_path: Union[str, os.PathLike], *, dec_cross_attn_laye
 
     Keyword arguments are :class:`RetroFitted`'s (``enc_dim``, ``enc_depth``,
     ``enc_next_token``, ``heads``, ``dim_head``, ``chunk_size=64``, ``max_seq_len``, ``pad_id``,
-    ``freeze=True``, dropouts, ``dtype``). Returns the model in train mode; with retrieval off, and at initialisation, its
-    logits are the base model's.
+    ``freeze=True``, dropouts, ``dtype``). Returns the model in train mode; with retrieval off,
+    and at initialisation, its logits are the base model's.
     """
     return RetroFitted(model_name_or_path, dec_cross_attn_layers=dec_cross_attn_layers, **kwargs)
