@@ -24,6 +24,7 @@ from diablogpt_pytorch.training import get_optimizer  # noqa: E402
 
 C, K, V, N = 8, 2, 101, 40
 NEW = dict(dec_cross_attn_layers=(1, 3), enc_dim=24, enc_depth=1, heads=2, dim_head=8, chunk_size=C)
+NEXT = dict(NEW, enc_depth=0, enc_next_token=True)  # no encoder layers, next-token input
 
 
 def _save_base(folder: Path, family: str, vocab: int = V, seed: int = 0, positions: int = 64) -> Path:
@@ -46,7 +47,7 @@ def _save_base(folder: Path, family: str, vocab: int = V, seed: int = 0, positio
 def new_parts(request):
     """The new parts: a 1-layer encoder, or none (enc_depth=0) with each neighbour token's input
     holding the next token's embedding too (enc_next_token)."""
-    return NEW if request.param == "encoder" else dict(NEW, enc_depth=0, enc_next_token=True)
+    return NEW if request.param == "encoder" else NEXT
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -297,38 +298,49 @@ def test_training_step_and_evaluation_through_the_training_wrapper(tmp_path):
 # -- torchrun -------------------------------------------------------------------------------------
 
 
-def test_ddp_step_under_two_ranks_equals_one_process_step(tmp_path):
-    """Two gloo ranks (as torchrun starts them) each take a DistributedDataParallel step on their
-    own batch; the new weights equal one process's step on the mean of the two losses."""
+def test_ddp_steps_under_two_ranks_equal_one_process_steps(tmp_path):
+    """Two gloo ranks (as torchrun starts them) each take two DistributedDataParallel steps on their
+    own batches, with the 1-layer encoder and with none (next-token input: every new parameter
+    must get a gradient, or DDP refuses the second step); the new weights equal one process's
+    steps on the mean of the two ranks' losses."""
     from test_distributed import assert_ok, finish, launch
 
     base_path = _save_base(tmp_path / "base", "llama")
     assert_ok(finish(launch("ddp", tmp_path, script=__file__), timeout=180))
-    torch.manual_seed(0)
-    model = _activate(retrofit(base_path, **NEW))
-    opt = torch.optim.SGD(list(model.new_parameters()), lr=0.5)
-    batches = [_inputs(seed=10 + rank, n=N + 1) for rank in range(2)]
-    sum(model(s, r[:, : N // C], return_loss=True) for s, r in batches).div(2).backward()
-    opt.step()
-    trained = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    assert set(trained) == set(model.state_dict())
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(trained[name], value, rtol=0, atol=2e-6)
+    for i, parts in enumerate(_DDP_PARTS):
+        torch.manual_seed(0)
+        model = _activate(retrofit(base_path, **parts))
+        opt = torch.optim.SGD(list(model.new_parameters()), lr=0.5)
+        for step in range(2):
+            batches = [_inputs(seed=10 + 2 * step + rank, n=N + 1) for rank in range(2)]
+            sum(model(s, r[:, : N // C], return_loss=True) for s, r in batches).div(2).backward()
+            opt.step()
+            opt.zero_grad()
+        trained = torch.load(tmp_path / f"rank0_{i}.pt", weights_only=True)
+        assert set(trained) == set(model.state_dict())
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(trained[name], value, rtol=0, atol=4e-6)
+
+
+_DDP_PARTS = (NEW, NEXT)
 
 
 def _scenario_ddp(out: Path, info):
     from diablogpt_pytorch import distributed as D
 
-    torch.manual_seed(0)
-    model = _activate(retrofit(out / "base", **NEW))
-    ddp = D.wrap_model(model)
-    assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
-    seq, retrieved = _inputs(seed=10 + info.rank, n=N + 1)
-    opt = torch.optim.SGD(list(model.new_parameters()), lr=0.5)
-    ddp(seq, retrieved[:, : N // C], return_loss=True).backward()
-    opt.step()
-    if D.is_main():
-        torch.save(model.state_dict(), out / "rank0.pt")
+    for i, parts in enumerate(_DDP_PARTS):
+        torch.manual_seed(0)
+        model = _activate(retrofit(out / "base", **parts))
+        ddp = D.wrap_model(model)
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+        opt = torch.optim.SGD(list(model.new_parameters()), lr=0.5)
+        for step in range(2):
+            seq, retrieved = _inputs(seed=10 + 2 * step + info.rank, n=N + 1)
+            ddp(seq, retrieved[:, : N // C], return_loss=True).backward()
+            opt.step()
+            opt.zero_grad()
+        if D.is_main():
+            torch.save(model.state_dict(), out / f"rank0_{i}.pt")
 
 
 if __name__ == "__main__":
@@ -358,7 +370,7 @@ def test_neighbour_tokens_enter_the_encoder_at_unit_scale(base_path):
 
 
 def test_next_token_input_pairs_each_neighbour_token_with_the_next(base_path):
-    model = retrofit(base_path, **dict(NEW, enc_depth=0, enc_next_token=True))
+    model = retrofit(base_path, **NEXT)
     assert model.config["enc_next_token"] and model.to_enc.in_features == 2 * model.token_emb.embedding_dim
     _, retrieved = _inputs()
     pairs = model._next_token_input(retrieved)
