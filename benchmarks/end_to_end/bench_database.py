@@ -655,6 +655,33 @@ def scale_summary(factors: dict) -> dict:
     return summary
 
 
+def _knobs(params: dict) -> str:
+    """Search knobs as ``name=value,...`` (``-`` when none)."""
+    return ",".join(f"{n}={v}" for n, v in params.items()) or "-"
+
+
+def _built_cell(r) -> str:
+    """What the library built for one index and scale (blank when it did not build it)."""
+    if r is None or "factory" not in r:
+        return ""
+    return (f"`{r['factory']}`; {_knobs(r['search_params'])}; {r['rescore']}; "
+            f"{r['build_recall_at_2']:.3f}; {r['train_s']:.1f} / {r['add_s']:.1f} / {r['tune_s']:.1f}")
+
+
+def _tuned_cell(r) -> str:
+    """The neighbour stage's tuned search for one index and scale (``-`` when none)."""
+    t = (r or {}).get("neighbour_search")
+    return "-" if not t else f"{_knobs(t['search_params'])}; {t['rescore']}; {t['recall_at_k']:.3f}; {t['seconds']:.1f}"
+
+
+def _scale_table(F: dict, sizes: list, stage: str, cell) -> list[str]:
+    """A markdown table, one row per index of ``stage`` and one column per scale, of ``cell(record)``."""
+    lines = ["| index | " + " | ".join(f"{s}x" for s in sizes) + " |", "| --- |" + " --- |" * len(sizes)]
+    for key in F[sizes[0]][stage]:
+        lines.append(f"| {key} | " + " | ".join(cell(F[s][stage].get(key)) for s in sizes) + " |")
+    return lines
+
+
 def scale_markdown(res: dict) -> str:
     F = res["factors"]
     sizes = sorted(F, key=int)
@@ -729,34 +756,12 @@ def scale_markdown(res: dict) -> str:
     lines += ["What the library built and tuned (factory string; search knobs; rescoring "
               "factor; recall@2 its build measured on 1000 sampled chunks; seconds of the stage "
               "spent training / adding / tuning):", "",
-              "| index | " + " | ".join(f"{s}x" for s in sizes) + " |",
-              "| --- |" + " --- |" * len(sizes)]
-    for key in F[sizes[0]]["index"]:
-        cells = []
-        for s in sizes:
-            r = F[s]["index"].get(key)
-            if r is None or "factory" not in r:
-                cells.append("")
-                continue
-            knobs = ",".join(f"{n}={v}" for n, v in r["search_params"].items()) or "-"
-            cells.append(f"`{r['factory']}`; {knobs}; {r['rescore']}; "
-                         f"{r['build_recall_at_2']:.3f}; {r['train_s']:.1f} / {r['add_s']:.1f} / "
-                         f"{r['tune_s']:.1f}")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+              ] + _scale_table(F, sizes, "index", _built_cell)
     lines += ["", "The neighbour stage's search (`knn.tune_neighbour_search`: the index's knobs, "
               "and the rescoring factor, raised until the neighbour search itself, with its "
               "exclusions, reaches recall@2 >= 0.9 against exact search on 1000 sampled chunks; "
               "knobs; rescoring factor; that recall; seconds of the stage it took):", "",
-              "| index | " + " | ".join(f"{s}x" for s in sizes) + " |",
-              "| --- |" + " --- |" * len(sizes)]
-    for key in F[sizes[0]]["neighbours"]:
-        cells = []
-        for s in sizes:
-            t = (F[s]["neighbours"].get(key) or {}).get("neighbour_search")
-            cells.append("-" if not t else
-                         (",".join(f"{n}={v}" for n, v in t["search_params"].items()) or "-")
-                         + f"; {t['rescore']}; {t['recall_at_k']:.3f}; {t['seconds']:.1f}")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+              ] + _scale_table(F, sizes, "neighbours", _tuned_cell)
     lines += ["", f"Index size (MB) / recall@{k} of the library's search against exact search on "
               f"{F[sizes[0]]['index'].get('HNSW32', {}).get('recall', {}).get('queries', '')} "
               f"other sampled chunks / share of the exact neighbour file's ids (other documents, "

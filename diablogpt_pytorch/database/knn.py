@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -184,8 +185,6 @@ def tune_neighbour_search(index, embeddings, doc_ids: np.ndarray, k: int, *,
         ``{}`` for an exact index, else ``search_params``, ``rescore``, ``recall_at_k`` (the
         neighbour search's, measured on ``queries`` sampled chunks) and ``seconds``.
     """
-    import time
-
     if not idx.search_knobs(index) and not isinstance(index, idx.RescoredIndex):
         return {}
     start = time.perf_counter()
